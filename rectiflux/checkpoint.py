@@ -1,0 +1,182 @@
+"""Checkpoint I/O shared by every model: safetensors only, memory-mapped, strict, atomic.
+
+Each model module (transformer, autoencoder) owns the map between its own parameter names and the
+diffusers / Black Forest Labs layouts; this module only knows files, folders and state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message is one line for the user."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files behind `path`: a file, a folder with one file, or a sharded folder with an index."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _files_from_index(path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path} is not a .safetensors file (pickled checkpoints are never read)")
+        return [path]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        return _files_from_index(indexes[0])
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors file in {path}")
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise CheckpointError(f"{path} holds several .safetensors files and no index: {names}")
+    return files
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"unreadable shard index {index}: {e}") from None
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"shard index {index.name} names missing files: {', '.join(missing)}")
+    return files
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, memory-mapped (pages are read only when a tensor is used)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises several types for a corrupt or truncated file
+            raise CheckpointError(f"cannot read {file}: {_first_line(e)}") from None
+    return state
+
+
+def read_keys_and_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes without reading any weight (enough to infer a config)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {_first_line(e)}") from None
+    return shapes
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Drop the first of `prefixes` that every key carries (e.g. BFL's `model.diffusion_model.`)."""
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _names(keys: Iterable[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None, what: str) -> nn.Module:
+    """Assign `state` to a model built on the meta device, refusing any mismatch with a message naming the tensors.
+
+    The tensors are moved into the module (not copied) and `state` is emptied as it goes, so the weights
+    live once in memory even while they are cast.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+             for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape {_names(wrong, 3)}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for key in list(state):
+        tensor = state.pop(key)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if key in params:
+            setattr(module, attr, nn.Parameter(tensor, requires_grad=params[key].requires_grad))
+        else:
+            module.register_buffer(attr, tensor, persistent=key in buffers)
+    return model
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], file: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, then a rename."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj: dict, file: str | os.PathLike) -> None:
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+
+
+def read_json(file: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None

@@ -1,0 +1,296 @@
+"""Tiny random FLUX pipelines in the diffusers folder layout, built offline for tests.
+
+Nothing here touches the network: both tokenizers are written from a small hand-made vocabulary
+(shapes-world words plus every letter, digit and punctuation mark) and every model gets seeded
+random weights. The folder is what `diffusers.FluxPipeline.save_pretrained` writes, so it is also
+exactly what `FluxPipeline.from_pretrained` reads back, and it doubles as a stand-in for a real
+FLUX checkpoint folder in the tests of our own loaders.
+
+Building takes about a second; `make_tiny_flux_folder` builds each configuration once per process
+and copies the result, so a test may modify its copy freely.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import string
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+# Words a shapes-world caption (and a few everyday prompts) use; each becomes a single token in
+# both tokenizers so the tiny models see whole words, like the real ones do for common English.
+WORDS = (
+    "a an the of and with in on at to is are this that it its".split()
+    + "small large big tiny huge medium".split()
+    + "red green blue yellow purple orange white black gray grey pink brown".split()
+    + "circle square triangle cross shape shapes disk dot plus".split()
+    + "center centre left right top bottom middle corner".split()
+    + "background color colour colored solid plain image picture photo drawing".split()
+    + "cat dog tree house sky sun car man woman person apple table".split()
+)
+
+# CLIP's special tokens sit at the very end of its vocabulary (49406 and 49407 in the real one):
+# CLIPTextModel's pooler finds the end-of-text token by id, and some configs by argmax.
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2 / CLIP byte-level alphabet: printable bytes stand for themselves, the rest are shifted
+    past 255 so that every byte has a visible, non-whitespace character."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + shifted)
+            shifted += 1
+    return [chars[b] for b in range(256)]
+
+
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Plain BPE learning on the word list (each word once), run until every word is one symbol.
+
+    CLIP marks the end of a word by fusing `</w>` onto its last character, so `red` starts as
+    `r e d</w>` and ends as `red</w>`. Ties are broken by the pair itself so the result is stable.
+    """
+    pieces = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for p in pieces.values() for pair in zip(p, p[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for word, p in pieces.items():
+            out, i = [], 0
+            while i < len(p):
+                if i + 1 < len(p) and (p[i], p[i + 1]) == best:
+                    out.append(p[i] + p[i + 1])
+                    i += 2
+                else:
+                    out.append(p[i])
+                    i += 1
+            pieces[word] = out
+
+
+def write_clip_tokenizer(folder: Path) -> int:
+    """Write vocab.json / merges.txt / tokenizer_config.json for a CLIP BPE tokenizer; returns the
+    vocabulary size. Every byte is in the vocabulary, bare and with `</w>`, so no input is unknown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    merges = _learn_merges(sorted(set(WORDS)))
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab: dict[str, int] = {}
+    for token in [*tokens, CLIP_BOS, CLIP_EOS]:
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": CLIP_MAX_LENGTH,
+        "bos_token": CLIP_BOS,
+        "eos_token": CLIP_EOS,
+        "unk_token": CLIP_EOS,
+        "pad_token": CLIP_EOS,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(vocab)
+
+
+def build_t5_tokenizer():  # -> transformers.T5TokenizerFast
+    """A T5-style Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, then whole words (`▁red`), then single
+    characters with and without the word-start marker so any ASCII text can be spelled out."""
+    from transformers import T5TokenizerFast
+
+    # Unigram picks the segmentation with the highest total log-probability: a whole word at -3
+    # beats spelling it out at -9 or less per character.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    pieces += [("▁" + w, -3.0) for w in sorted(set(WORDS))]
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    pieces += [("▁" + c, -9.0) for c in chars] + [(c, -10.0) for c in chars]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _build(
+    folder: Path,
+    *,
+    guidance_embeds: bool,
+    num_layers: int,
+    num_single_layers: int,
+    attention_head_dim: int,
+    num_attention_heads: int,
+    axes_dims_rope: tuple[int, ...],
+    joint_attention_dim: int,
+    pooled_projection_dim: int,
+    vae_block_out_channels: tuple[int, ...],
+    latent_channels: int,
+    vae_norm_num_groups: int,
+    text_layers: int,
+    seed: int,
+) -> None:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    if sum(axes_dims_rope) != attention_head_dim:
+        raise ValueError(f"axes_dims_rope {axes_dims_rope} must sum to attention_head_dim {attention_head_dim}")
+
+    # The CLIP tokenizer is read back from vocab.json / merges.txt, the files a real FLUX folder has.
+    clip_vocab = write_clip_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    tokenizer_2 = build_t5_tokenizer()
+
+    # Each model is seeded on its own so changing one part of the config leaves the others' weights alone.
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # latents are packed 2x2 into the channel axis
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=axes_dims_rope,
+    )
+    torch.manual_seed(seed + 1)
+    n_blocks = len(vae_block_out_channels)
+    # FLUX's VAE has 4 blocks (8x); here vae_scale_factor = 2 ** (n_blocks - 1).
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=tuple(vae_block_out_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=vae_norm_num_groups,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=clip_vocab,
+            hidden_size=pooled_projection_dim,
+            intermediate_size=2 * pooled_projection_dim,
+            num_hidden_layers=text_layers,
+            num_attention_heads=2,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=joint_attention_dim,
+            d_kv=8,
+            d_ff=2 * joint_attention_dim,
+            num_layers=text_layers,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as in FLUX's T5-XXL
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # Make the tokenizer folders look like FLUX.1-dev's: transformers 5 saves CLIP as tokenizer.json
+    # (and records `local_files_only` in its config), the real repo ships vocab.json + merges.txt.
+    shutil.rmtree(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]  # the real name; an alias in transformers 5
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(**kwargs) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="tiny-flux-")) / "model"
+    _build(folder, **kwargs)
+    return folder
+
+
+def make_tiny_flux_folder(
+    path: str | Path,
+    *,
+    guidance_embeds: bool = True,
+    num_layers: int = 1,
+    num_single_layers: int = 2,
+    attention_head_dim: int = 8,
+    num_attention_heads: int = 2,
+    axes_dims_rope: tuple[int, int, int] = (2, 2, 4),
+    joint_attention_dim: int = 32,
+    pooled_projection_dim: int = 32,
+    vae_block_out_channels: tuple[int, ...] = (16, 32),
+    latent_channels: int = 16,
+    vae_norm_num_groups: int = 8,
+    text_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a complete tiny random FLUX pipeline (diffusers layout, safetensors) to `path` and return it.
+
+    `guidance_embeds=True` mimics FLUX.1-dev (the scheduler always has dev's dynamic shifting).
+    The VAE downsamples by 2 ** (len(vae_block_out_channels) - 1), so the defaults give 2x and image
+    sides must be multiples of 4. Each configuration is built once per process, then copied.
+    """
+    cached = _cached(
+        guidance_embeds=guidance_embeds,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        axes_dims_rope=tuple(axes_dims_rope),
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        vae_block_out_channels=tuple(vae_block_out_channels),
+        latent_channels=latent_channels,
+        vae_norm_num_groups=vae_norm_num_groups,
+        text_layers=text_layers,
+        seed=seed,
+    )
+    path = Path(path)
+    shutil.copytree(cached, path, dirs_exist_ok=True)
+    return path

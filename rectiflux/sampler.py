@@ -58,13 +58,8 @@ class SchedulerConfig:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", **asdict(self)}
 
 
-def compute_mu(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
+def compute_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+               base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Resolution-dependent shift: linear in the token count, and deliberately not clamped past max."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
@@ -82,12 +77,8 @@ def static_shift(shift: float, sigmas: torch.Tensor) -> torch.Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def get_sigmas(
-    num_steps: int,
-    image_seq_len: int,
-    config: SchedulerConfig,
-    sigmas: Sequence[float] | torch.Tensor | None = None,
-) -> torch.Tensor:
+def get_sigmas(num_steps: int, image_seq_len: int, config: SchedulerConfig,
+               sigmas: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
     """The N + 1 float32 noise levels of an N-step run, from about 1 down to a terminal 0.
 
     image_seq_len is the packed token count of the full image; it only matters with dynamic shifting.
@@ -101,6 +92,8 @@ def get_sigmas(
         base = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
         if base.numel() != num_steps:
             raise ValueError(f"got {base.numel()} sigmas for {num_steps} steps")
+    # The shift runs in float32 like the reference's, so that the rounding, and so a seed's image, is the same.
+    base = base.to(torch.float32)
     if config.use_dynamic_shifting:
         mu = compute_mu(image_seq_len, config.base_image_seq_len, config.max_image_seq_len,
                         config.base_shift, config.max_shift)
@@ -183,11 +176,12 @@ def latent_image_ids(
 ) -> torch.Tensor:
     """RoPE positions (0, row, col) of each packed token for a height x width latent grid."""
     _check_even(height, width)
-    rows = torch.arange(height // 2, device=device, dtype=dtype)
-    cols = torch.arange(width // 2, device=device, dtype=dtype)
-    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(height // 2, device=device),
+                                torch.arange(width // 2, device=device), indexing="ij")
     # axis 0 stays zero for the generated image; later FLUX variants use it to mark conditioning images
-    return torch.stack([torch.zeros_like(grid_rows), grid_rows, grid_cols], dim=-1).reshape(-1, 3)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    # cast last: bf16 cannot count past 256 exactly
+    return ids.to(dtype)
 
 
 def text_ids(

@@ -49,7 +49,7 @@ class TextEncoders:
                 f"({', '.join(SUBFOLDERS)})"
             )
         # "auto" reads the dtype from each config, which is what transformers 5 does by default anyway.
-        model_kw = {_DTYPE_KWARG: parse_dtype(dtype) or "auto", "local_files_only": True}
+        model_kw = {_DTYPE_KWARG: parse_dtype(dtype) or "auto", "local_files_only": True, "use_safetensors": True}
         return cls(
             CLIPTextModel.from_pretrained(folder / "text_encoder", **model_kw).to(device),
             CLIPTokenizerFast.from_pretrained(folder / "tokenizer", local_files_only=True),

@@ -12,15 +12,26 @@ and copies the result, so a test may modify its copy freely.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import shutil
 import string
 import tempfile
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 # Words a shapes-world caption (and a few everyday prompts) use; each becomes a single token in
 # both tokenizers so the tiny models see whole words, like the real ones do for common English.
@@ -68,7 +79,7 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
     pieces = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
     merges: list[tuple[str, str]] = []
     while True:
-        counts = Counter(pair for p in pieces.values() for pair in zip(p, p[1:]))
+        counts = Counter(pair for p in pieces.values() for pair in pairwise(p))
         if not counts:
             return merges
         best = min(counts, key=lambda pair: (-counts[pair], pair))
@@ -111,11 +122,9 @@ def write_clip_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def build_t5_tokenizer():  # -> transformers.T5TokenizerFast
+def build_t5_tokenizer() -> T5TokenizerFast:
     """A T5-style Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, then whole words (`▁red`), then single
     characters with and without the word-start marker so any ASCII text can be spelled out."""
-    from transformers import T5TokenizerFast
-
     # Unigram picks the segmentation with the highest total log-probability: a whole word at -3
     # beats spelling it out at -9 or less per character.
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
@@ -142,9 +151,6 @@ def _build(
     text_layers: int,
     seed: int,
 ) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
-
     if sum(axes_dims_rope) != attention_head_dim:
         raise ValueError(f"axes_dims_rope {axes_dims_rope} must sum to attention_head_dim {attention_head_dim}")
 
@@ -246,9 +252,11 @@ def _build(
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(**kwargs) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="tiny-flux-")) / "model"
+    root = tempfile.mkdtemp(prefix="tiny-flux-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    folder = Path(root) / "model"
     _build(folder, **kwargs)
     return folder
 

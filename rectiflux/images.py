@@ -30,6 +30,17 @@ def open_image(image: ImageInput) -> Image.Image | np.ndarray | torch.Tensor:
     return image
 
 
+def open_images(images):
+    """Open paths; keep lists as lists and None as None."""
+    if images is None:
+        return None
+    return [open_image(i) for i in images] if isinstance(images, list) else open_image(images)
+
+
+def first(images):
+    return images[0] if isinstance(images, list) else images
+
+
 def image_size(image: ImageInput) -> tuple[int, int]:
     """(width, height) of one image."""
     image = open_image(image)
@@ -79,10 +90,12 @@ def _to_pil_list(images) -> list:
 
 def preprocess_image(images, width: int, height: int, crop: tuple[int, int, int, int] | None = None,
                      fill: bool = False) -> torch.Tensor:
-    """Images -> float32 (B, 3, height, width) in [-1, 1]. Tensors are taken as (B, 3, H, W) already in [-1, 1]."""
+    """Images -> float32 (B, 3, height, width) in [-1, 1]. Tensors are (B, 3, H, W) in [-1, 1] (or [0, 1])."""
     images = _to_pil_list(images)
     if isinstance(images[0], torch.Tensor):
         x = torch.cat([im if im.ndim == 4 else im[None] for im in images]).float()
+        if x.min() >= 0:  # a tensor with no negative value is taken to be in [0, 1], as the reference does
+            x = x * 2 - 1
         if x.shape[-2:] != (height, width):
             x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True)
         return x

@@ -130,30 +130,39 @@ class FluxPipeline:
         progress: Callable[[int, int], None] | None = None,
     ) -> PipelineOutput:
         d = self.defaults
-        steps = num_inference_steps or d.steps
+        if num_inference_steps is None:  # like the reference, explicit sigmas set the step count
+            num_inference_steps = len(sigmas) if sigmas is not None else d.steps
+        steps = num_inference_steps
         guidance_scale = d.guidance if guidance_scale is None else guidance_scale
-        max_sequence_length = max_sequence_length or d.max_sequence_length
+        if max_sequence_length is None:
+            max_sequence_length = d.max_sequence_length
         strength = d.strength if strength is None else strength
         if image is None:
             strength = 1.0
-        image = im.open_image(image) if image is not None and not isinstance(image, list) else image
-        mask_image = im.open_image(mask_image) if mask_image is not None and not isinstance(mask_image, list) else mask_image
+        image, mask_image = im.open_images(image), im.open_images(mask_image)
         if height is None or width is None:  # img2img keeps the source's size; text-to-image the model's default
-            src_w, src_h = im.image_size(image[0] if isinstance(image, list) else image) if image is not None \
-                else (d.width, d.height)
+            src_w, src_h = im.image_size(im.first(image)) if image is not None else (d.width, d.height)
             width, height = width or src_w, height or src_h
         multiple = 2 * self.vae_scale_factor
         gen_w, gen_h = -(-width // multiple) * multiple, -(-height // multiple) * multiple  # round up
         self._check(prompt, prompt_embeds, image, mask_image, strength, steps, width, height, output_type,
                     num_images_per_prompt, padding_mask_crop, true_cfg_scale)
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        do_true_cfg = true_cfg_scale > 1 and has_negative
+        n_prompts = (1 if isinstance(prompt, str) else len(prompt)) if prompt_embeds is None else len(prompt_embeds)
+        if isinstance(generator, list) and len(generator) not in (1, n_prompts * num_images_per_prompt):
+            raise ValueError(f"got {len(generator)} generators for {n_prompts * num_images_per_prompt} images")
+        if self.text_encoders is not None:  # too-long prompts are refused before any model runs
+            if prompt_embeds is None:
+                self.text_encoders.check(prompt, prompt_2, max_sequence_length)
+            if do_true_cfg and negative_prompt_embeds is None:
+                self.text_encoders.check(negative_prompt, negative_prompt_2, max_sequence_length)
         if seed is not None and generator is None:
             generator = torch.Generator("cpu").manual_seed(seed)
 
         # text
         embeds, pooled = self._encode(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds,
                                       num_images_per_prompt, max_sequence_length)
-        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
-        do_true_cfg = true_cfg_scale > 1 and has_negative
         if do_true_cfg:
             neg_embeds, neg_pooled = self._encode(negative_prompt, negative_prompt_2, negative_prompt_embeds,
                                                   negative_pooled_prompt_embeds, num_images_per_prompt,
@@ -243,11 +252,9 @@ class FluxPipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs an image to inpaint")
-        if mask_image is not None:
-            first = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731
-            if im.image_size(first(mask_image)) != im.image_size(first(image)):
-                raise ValueError(f"mask size {im.image_size(first(mask_image))} differs from image size "
-                                 f"{im.image_size(first(image))}")
+        if mask_image is not None and im.image_size(im.first(mask_image)) != im.image_size(im.first(image)):
+            raise ValueError(f"mask size {im.image_size(im.first(mask_image))} differs from image size "
+                             f"{im.image_size(im.first(image))}")
         if padding_mask_crop is not None and (mask_image is None or not hasattr(mask_image, "convert")):
             raise ValueError("padding_mask_crop needs a single PIL mask_image")
         if output_type not in ("pil", "np", "latent", "pt"):
@@ -268,6 +275,8 @@ class FluxPipeline:
 
     def _encode_image(self, pixels: Tensor, generator: Generators, batch: int) -> Tensor:
         pixels = pixels.to(self.autoencoder.encoder.conv_in.weight.dtype)
+        if isinstance(generator, list) and len(generator) == 1:
+            generator = generator[0]
         if isinstance(generator, list):  # one generator per source image, as the reference does
             z = torch.cat([self.autoencoder.encode(pixels[i:i + 1]).sample(generator[i])
                            for i in range(pixels.shape[0])])

@@ -57,18 +57,9 @@ class TextEncoders:
             T5TokenizerFast.from_pretrained(folder / "tokenizer_2", local_files_only=True),
         )
 
-    @torch.no_grad()
-    def encode(
-        self,
-        prompt: str | list[str],
-        prompt_2: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        max_sequence_length: int = 512,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B*n, max_sequence_length, T5 dim), pooled_prompt_embeds (B*n, CLIP dim)).
-
-        prompt goes to CLIP, prompt_2 (default: prompt) to T5. Rows repeat per prompt: p0, p0, p1, p1.
-        """
+    def check(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
+              max_sequence_length: int = 512) -> tuple[list[str], list[str]]:
+        """Refuse prompts T5 cannot take whole (tokenizers only, no model runs); returns the prompt lists."""
         if not 1 <= max_sequence_length <= MAX_T5_LENGTH:
             raise ValueError(f"max_sequence_length must be between 1 and {MAX_T5_LENGTH}, got {max_sequence_length}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -88,6 +79,21 @@ class TextEncoders:
                     f"shorten it or raise --max-sequence-length (at most {MAX_T5_LENGTH})"
                 )
 
+        return prompts, prompts_2
+
+    @torch.no_grad()
+    def encode(
+        self,
+        prompt: str | list[str],
+        prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds (B*n, max_sequence_length, T5 dim), pooled_prompt_embeds (B*n, CLIP dim)).
+
+        prompt goes to CLIP, prompt_2 (default: prompt) to T5. Rows repeat per prompt: p0, p0, p1, p1.
+        """
+        prompts, prompts_2 = self.check(prompt, prompt_2, max_sequence_length)
         clip_ids = self.clip_tokenizer(
             prompts, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
             truncation=True, return_tensors="pt",

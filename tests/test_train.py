@@ -1,0 +1,163 @@
+"""The trainer: objectives, a smoke run that learns, resume == uninterrupted, and two processes in sync."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+
+from rectiflux.autoencoder import AutoEncoder, AutoEncoderConfig
+from rectiflux.train import (
+    LatentBank,
+    TrainConfig,
+    Trainer,
+    flow_pair,
+    guided_target,
+    kl_divergence,
+    sample_t,
+    shapes_batch,
+)
+from rectiflux.transformer import Flux, FluxConfig
+
+TINY_AE = AutoEncoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+TINY_FLUX = FluxConfig(in_channels=64, num_heads=2, head_dim=16, depth=1, depth_single=1, joint_attention_dim=16,
+                       pooled_projection_dim=16, axes_dim=(4, 6, 6), guidance_embed=True)
+
+
+def test_flow_pair_is_the_straight_path():
+    x0, noise = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    x_t, v = flow_pair(x0, noise, t)
+    assert torch.allclose(x_t[0], x0[0]) and torch.allclose(x_t[2], noise[2])
+    assert torch.allclose(x_t[1], (x0[1] + noise[1]) / 2)
+    # moving along v from any t lands on the noise at t = 1
+    assert torch.allclose(x_t + (1 - t).view(-1, 1, 1) * v, noise, atol=1e-6)
+
+
+def test_guided_target_and_kl():
+    c, u = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    g = torch.tensor([1.0, 3.0])
+    out = guided_target(c, u, g)
+    assert torch.allclose(out[0], c[0]) and torch.allclose(out[1], u[1] + 3 * (c[1] - u[1]))
+    assert kl_divergence(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)).item() == 0
+    assert kl_divergence(torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)).item() == 8.0
+
+
+def test_logit_normal_t_is_seeded_and_inside_0_1():
+    a = sample_t(1000, torch.Generator().manual_seed(0))
+    b = sample_t(1000, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and 0 < a.min() and a.max() < 1
+    assert abs(a.median().item() - 0.5) < 0.05
+
+
+def test_shapes_data_is_a_function_of_the_index():
+    a, scenes_a, caps_a = shapes_batch(3, 10, 4)
+    b, scenes_b, caps_b = shapes_batch(3, 12, 2)
+    assert torch.equal(a[2:], b) and caps_a[2:] == caps_b and scenes_a[2:] == scenes_b
+    assert a.shape == (4, 3, 64, 64) and -1 <= a.min() and a.max() <= 1
+
+
+def ae_trainer(tmp_path, steps, **kw):
+    cfg = TrainConfig(out=str(tmp_path), stage="ae", steps=steps, batch_size=4, lr=3e-3, warmup=2, log_every=1,
+                      checkpoint_every=0, **kw)
+    torch.manual_seed(0)
+    return Trainer(cfg, AutoEncoder(TINY_AE))
+
+
+def test_autoencoder_smoke_run_learns(tmp_path):
+    trainer = ae_trainer(tmp_path, 40)
+    trainer.cfg.lr, trainer.cfg.batch_size = 1e-2, 8
+    pixels, _, _ = shapes_batch(99, 0, 16)  # images the run never sees
+
+    def error() -> float:
+        with torch.no_grad():
+            return (trainer.model.decode(trainer.model.encode(pixels).mean) - pixels).pow(2).mean().item()
+
+    before = error()
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and rows[-1]["step"] == 40 and "psnr" in rows[-1]
+    assert error() < 0.5 * before
+    assert (tmp_path / "checkpoint.safetensors").exists()
+
+
+class _StubText:
+    """Text encoders stand-in: a fixed random embedding per caption (the trainer caches them anyway)."""
+
+    def encode(self, captions, max_sequence_length=8):
+        out = [torch.Generator().manual_seed(abs(hash(c)) % 2**31) for c in captions]
+        embeds = torch.stack([torch.randn(max_sequence_length, 16, generator=g) for g in out])
+        return embeds, embeds.mean(1)
+
+
+def flux_trainer(tmp_path, steps, distill_steps=0):
+    torch.manual_seed(0)
+    ae = AutoEncoder(TINY_AE).eval().requires_grad_(False)
+    cfg = TrainConfig(out=str(tmp_path), stage="flux", steps=steps, batch_size=8, lr=2e-3, warmup=2, log_every=1,
+                      checkpoint_every=0, bank_size=64, max_sequence_length=8, distill_steps=distill_steps)
+    return Trainer(cfg, Flux(TINY_FLUX), ae, _StubText())
+
+
+def test_flux_smoke_run_learns_and_distils(tmp_path):
+    trainer = flux_trainer(tmp_path, 40, distill_steps=5)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-10:-5]) / 5
+    assert last < 0.8 * first
+    assert trainer.teacher is not None  # the last 5 steps distilled guidance from a frozen teacher
+
+
+def test_latent_bank_matches_the_autoencoder():
+    torch.manual_seed(0)
+    ae = AutoEncoder(TINY_AE).eval()
+    bank = LatentBank(ae, seed=1, size=6, chunk=4)
+    pixels, scenes, _ = shapes_batch(2, 0, 6)
+    assert bank.scenes == scenes
+    with torch.no_grad():
+        assert torch.allclose(bank.mean, ae.encode(pixels).mean, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = flux_trainer(tmp_path / "full", 6, distill_steps=2)
+    full.fit()
+    first = flux_trainer(tmp_path / "resumed", 6, distill_steps=2)
+    first.fit(until=3)  # killed after step 3, with the checkpoint it had written
+    resumed = flux_trainer(tmp_path / "resumed", 6, distill_steps=2)
+    resumed.load_checkpoint()
+    assert resumed.step == 3
+    resumed.fit()
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_two_processes_keep_the_same_weights(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        from safetensors.torch import save_file
+        from rectiflux.autoencoder import AutoEncoder, AutoEncoderConfig
+        from rectiflux.train import TrainConfig, Trainer
+        torch.manual_seed(0)
+        ae = AutoEncoder(AutoEncoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4))
+        cfg = TrainConfig(out=r"{tmp_path}", stage="ae", steps=4, batch_size=4, warmup=1, log_every=1,
+                          checkpoint_every=0)
+        trainer = Trainer(cfg, ae)
+        trainer.fit()
+        save_file(trainer.model.state_dict(), r"{tmp_path}/rank" + os.environ["RANK"] + ".safetensors")
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                    str(script)], check=True, env=env, capture_output=True, timeout=300)
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    torch.manual_seed(0)
+    start = AutoEncoder(TINY_AE).state_dict()
+    moved = 0
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        moved += not torch.equal(rank0[key], start[key])
+    assert moved > 0  # they trained, and stayed identical

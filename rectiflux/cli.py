@@ -181,7 +181,94 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Rework --image following the prompt.")
     commands.add_parser("inpaint", parents=[_common_options(True, True)], help="repaint the masked part of an image",
                         description="Repaint the white part of --mask in --image following the prompt.")
+    _train_parser(commands)
+    _eval_parser(commands)
     return parser
+
+
+def _train_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a model (the embedded shapes model's recipe)",
+                            description="Train the shapes-world model from scratch: the autoencoder, then the "
+                                        "transformer with guidance distillation, then export in the diffusers "
+                                        "layout. Runs under torchrun / accelerate launch unchanged.")
+    p.add_argument("--preset", default="shapes", choices=["shapes"], help="the recipe (default: shapes)")
+    p.add_argument("--out", default="runs/shapes", help="run folder: checkpoints, metrics.jsonl, samples/, model/")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--stages", default="ae,flux", help="which stages to run (default: ae,flux)")
+    p.add_argument("--export-to", help="also write the final model folder here (default: OUT/model)")
+    for name, kind, what in [("ae-steps", int, "autoencoder steps"), ("flux-steps", int, "transformer steps"),
+                             ("distill-steps", int, "final transformer steps spent distilling guidance"),
+                             ("batch-size", int, "transformer global batch"), ("seed", int, "seed of the run"),
+                             ("bank-size", int, "images encoded once for the transformer stage"),
+                             ("log-every", int, "steps between metric lines"),
+                             ("checkpoint-every", int, "steps between checkpoints"),
+                             ("sample-every", int, "steps between sample grids (0: never)")]:
+        p.add_argument(f"--{name}", type=kind, help=what)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _eval_parser(commands) -> None:
+    p = commands.add_parser("eval", help="measure a shapes-world model against its prompts",
+                            description="Render a fixed prompt set with fixed seeds, check every image against its "
+                                        "prompt, and print accuracy per attribute for seen and held-out pairs.")
+    p.add_argument("model", nargs="?", default="shapes", help="the model (default: the embedded shapes model)")
+    p.add_argument("--per-pair", type=lambda t: _whole(t, 1, "--per-pair"), default=5,
+                   help="prompts per color-shape pair (default 5: 120 prompts)")
+    p.add_argument("--seed", type=seed_type, default=0, help="first seed (prompt i uses seed + i)")
+    p.add_argument("--steps", type=steps_type, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=guidance_type, help="guidance scale (default: the model's)")
+    p.add_argument("--speed", action="store_true", help="also time one image and measure autoencoder PSNR")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import train_shapes
+
+    names = {"ae_steps": None, "flux_steps": None, "distill_steps": "flux", "batch_size": "flux", "seed": "",
+             "bank_size": "flux", "log_every": "", "checkpoint_every": "", "sample_every": "flux"}
+    ae, flux = {}, {}
+    for name, stage in names.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in ("ae_steps", "flux_steps"):
+            (ae if name == "ae_steps" else flux)["steps"] = value
+        else:
+            if stage in ("", "flux"):
+                flux[name] = value
+            if stage == "":
+                ae[name] = value
+    for flag in ("bf16", "grad_checkpointing"):
+        if getattr(args, flag):
+            ae[flag] = flux[flag] = True
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if not stages or set(stages) - {"ae", "flux"}:
+        raise UsageError(f"--stages takes ae, flux or both, got {args.stages!r}")
+    out = train_shapes(args.out, ae_overrides=ae, flux_overrides=flux, resume=args.resume, stages=stages,
+                       export_to=args.export_to)
+    print(f"wrote the model to {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import autoencoder_psnr, format_report, prompt_fidelity, seconds_per_image
+    from .pipeline import load
+    from .shapes import eval_scenes
+
+    with quiet_libraries(args.debug):
+        pipe = load(model_argument(args.model))
+    kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
+    fidelity = prompt_fidelity(pipe, eval_scenes(args.per_pair), seed=args.seed, **kwargs)
+    psnr = autoencoder_psnr(pipe) if args.speed else None
+    latency = seconds_per_image(pipe) if args.speed else None
+    print(format_report(fidelity, psnr, latency))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"fidelity": fidelity, "autoencoder_psnr_db": psnr,
+                                               "seconds_per_image": latency}, indent=2) + "\n")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -598,7 +685,11 @@ def warn(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.command is None:  # argparse's own message names the metavar only
-        raise UsageError(f"give a command: {', '.join(MODES)} ({PROG} --help lists them)")
+        raise UsageError(f"give a command: {', '.join(MODES)}, train, eval ({PROG} --help lists them)")
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "eval":
+        return run_eval(args)
     recipe = read_recipe(args.from_png) if args.from_png else {}
     req = make_request(args, recipe)
     paths = output_paths(args.output, req.seed, req.num_images)

@@ -57,6 +57,8 @@ class TrainConfig:
     # autoencoder
     kl_weight: float = 1e-6
     initial_logvar: float = -8.0
+    foreground_weight: float = 0.0
+    preview_weight: float = 0.0
     gradient_weight: float = 0.0  # optional edge term (L1 on image gradients), a cheap perceptual loss
     # machinery
     bf16: bool = False
@@ -223,8 +225,19 @@ class Trainer:
 
     def ae_loss(self, pixels: Tensor) -> tuple[Tensor, dict]:
         recon, mean, logvar = self.ddp(pixels, self.generator)
-        rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
+        # weight the shape's pixels up: the flat background is learned in a few steps, and then its thousands
+        # of easy pixels would drown the few hundred that carry the shape's color and edges
+        border = torch.cat([pixels[..., 0, :], pixels[..., -1, :], pixels[..., :, 0], pixels[..., :, -1]], dim=-1)
+        background = border.median(dim=-1).values[..., None, None]
+        weight = 1 + self.cfg.foreground_weight * ((pixels - background).abs().amax(1, keepdim=True) > 0.05)
+        err = recon - pixels
+        rec = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
         loss = rec + self.cfg.kl_weight * kl_divergence(mean, logvar)
+        if self.cfg.preview_weight:
+            # the first three latent channels are asked to hold the image at 1/8 scale: an easy path for color
+            # that the decoder can use from the first steps, and a latent space whose colors are readable
+            factor = pixels.shape[-1] // mean.shape[-1]
+            loss = loss + self.cfg.preview_weight * F.mse_loss(mean[:, :3], F.avg_pool2d(pixels, factor))
         if self.cfg.gradient_weight:
             def grads(x: Tensor) -> tuple[Tensor, Tensor]:
                 return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
@@ -364,8 +377,9 @@ SHAPES_DEFAULTS = {"steps": 8, "guidance": 4.0, "width": 64, "height": 64, "max_
                    "strength": 0.7}
 SHAPES_SCHEDULER = SchedulerConfig(shift=1.0, use_dynamic_shifting=False)
 SHAPES_STAGES = {
-    "ae": TrainConfig(stage="ae", steps=4000, batch_size=8, lr=2e-3, warmup=100, ema_decay=0.995,
-                      kl_weight=1e-6, checkpoint_every=250),
+    "ae": TrainConfig(stage="ae", steps=5000, batch_size=8, lr=1e-3, warmup=100, ema_decay=0.995,
+                      kl_weight=1e-6, foreground_weight=10.0, preview_weight=1.0, checkpoint_every=500,
+                      log_every=50),
     "flux": TrainConfig(stage="flux", steps=5000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.998,
                         distill_steps=1000, guidance_max=7.0, checkpoint_every=250, sample_every=1000),
 }
@@ -427,18 +441,19 @@ def export_shapes(out: Path, flux: Flux, autoencoder: AutoEncoder, text_dir: Pat
     return out
 
 
-def train_shapes(out: str | os.PathLike, overrides: dict | None = None, resume: bool = False,
-                 stages: tuple[str, ...] = ("ae", "flux"), export_to: str | os.PathLike | None = None) -> Path:
+def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_overrides: dict | None = None,
+                 resume: bool = False, stages: tuple[str, ...] = ("ae", "flux"),
+                 export_to: str | os.PathLike | None = None) -> Path:
     """The whole recipe of the embedded model: autoencoder, then transformer (with guidance distillation), then
-    export. `overrides` change TrainConfig fields of both stages (e.g. fewer steps for a smoke run)."""
+    export. The overrides change TrainConfig fields of each stage (e.g. fewer steps for a smoke run)."""
     out = Path(out)
-    overrides = overrides or {}
     text_dir = out / "text"
     encoders = (TextEncoders.from_folder(text_dir, dtype=torch.float32) if (text_dir / "text_encoder_2").exists()
                 else build_text_encoders(text_dir))
     ae_dir = out / "ae"
     if "ae" in stages:
-        cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["ae"]), **overrides, "stage": "ae", "out": str(ae_dir)})
+        cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["ae"]), **(ae_overrides or {}), "stage": "ae",
+                                     "out": str(ae_dir)})
         trainer = Trainer(cfg, AutoEncoder(SHAPES_AE))
         if resume and trainer.checkpoint_path().exists():
             trainer.load_checkpoint()
@@ -449,7 +464,7 @@ def train_shapes(out: str | os.PathLike, overrides: dict | None = None, resume: 
     autoencoder = load_autoencoder(ae_dir / "final", dtype=torch.float32).eval().requires_grad_(False)
     flux_dir = out / "flux"
     if "flux" in stages:
-        cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["flux"]), **overrides, "stage": "flux",
+        cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["flux"]), **(flux_overrides or {}), "stage": "flux",
                                      "out": str(flux_dir)})
         trainer = Trainer(cfg, Flux(SHAPES_FLUX), autoencoder, encoders, SHAPES_SCHEDULER)
         if resume and trainer.checkpoint_path().exists():

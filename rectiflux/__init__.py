@@ -2,6 +2,19 @@
 
 __version__ = "0.1.0"
 
-from .transformer import Flux, FluxConfig, load_transformer, save_transformer  # noqa: E402
+# names resolve on first use, so `rectiflux --version` and `--help` do not pay for importing torch
+_EXPORTS = {
+    "load": "pipeline", "FluxPipeline": "pipeline", "PipelineOutput": "pipeline",
+    "Flux": "transformer", "FluxConfig": "transformer", "load_transformer": "transformer",
+    "save_transformer": "transformer", "AutoEncoder": "autoencoder", "load_autoencoder": "autoencoder",
+    "model_path": "models",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["Flux", "FluxConfig", "load_transformer", "save_transformer", "__version__"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'rectiflux' has no attribute {name!r}")

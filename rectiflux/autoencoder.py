@@ -27,6 +27,7 @@ from .checkpoint import (
     strip_prefix,
     write_json,
 )
+from .sampler import Generators, draw_noise
 
 BFL_PREFIXES = ("first_stage_model.", "vae.", "ae.")  # how single-file bundles nest the autoencoder
 
@@ -205,9 +206,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-Generators = torch.Generator | list[torch.Generator] | None
-
-
 class DiagonalGaussian:
     """The encoder's posterior N(mean, exp(logvar)), sampled exactly like diffusers' DiagonalGaussianDistribution."""
 
@@ -220,19 +218,8 @@ class DiagonalGaussian:
         return self.mean
 
     def sample(self, generator: Generators = None) -> Tensor:
-        # Same draws as diffusers' randn_tensor, so seeds reproduce across the two: a CPU generator draws
-        # on the CPU whatever the device, and a list holds one generator per image.
-        shape, dtype = self.mean.shape, self.mean.dtype
-        first = generator[0] if isinstance(generator, list) else generator
-        device = torch.device("cpu") if first is not None and first.device.type == "cpu" else self.mean.device
-        if isinstance(generator, list) and len(generator) > 1:
-            if len(generator) != shape[0]:
-                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-            one = (1, *shape[1:])
-            noise = torch.cat([torch.randn(one, generator=g, device=device, dtype=dtype) for g in generator])
-        else:
-            noise = torch.randn(shape, generator=first, device=device, dtype=dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        # the reference's draws, so seeds reproduce across the two: on the generator's device, one per image
+        return self.mean + self.std * draw_noise(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
 
 
 class AutoEncoder(nn.Module):

@@ -21,7 +21,9 @@ from . import images as im
 from .autoencoder import AutoEncoder, load_autoencoder
 from .checkpoint import CheckpointError, parse_dtype, read_json
 from .sampler import (
+    Generators,
     SchedulerConfig,
+    draw_noise,
     euler_step,
     get_sigmas,
     latent_image_ids,
@@ -34,7 +36,6 @@ from .sampler import (
 from .text_encoders import TextEncoders
 from .transformer import Flux, load_transformer
 
-Generators = torch.Generator | list[torch.Generator] | None
 MAX_SIDE = 8192
 
 
@@ -55,19 +56,6 @@ class Defaults:
     max_sequence_length: int = 512
     strength: float = 0.6
     extra: dict = field(default_factory=dict)
-
-
-def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Gaussian noise drawn as the reference draws it: on the generator's device, one generator per row for a list."""
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
-        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat(rows).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 class FluxPipeline:
@@ -206,6 +194,7 @@ class FluxPipeline:
         # denoise
         img_ids = latent_image_ids(latent_h, latent_w, self.device, self.dtype)
         txt_ids = text_ids(embeds.shape[1], self.device, self.dtype)
+        pe = self.transformer.position_embedding(txt_ids, img_ids)  # the same for every step
         guidance = None
         if self.transformer.config.guidance_embed:
             guidance = torch.full([batch], guidance_scale, device=self.device, dtype=torch.float32)
@@ -214,10 +203,10 @@ class FluxPipeline:
             # the reference passes (sigma * 1000) / 1000 rather than sigma: the same rounding keeps seeds exact
             t = model_t[i].expand(batch).to(self.device, self.dtype) / 1000
             v = self.transformer(img=x, img_ids=img_ids, txt=embeds, txt_ids=txt_ids, timesteps=t, y=pooled,
-                                 guidance=guidance)
+                                 guidance=guidance, pe=pe)
             if do_true_cfg:
                 v_neg = self.transformer(img=x, img_ids=img_ids, txt=neg_embeds, txt_ids=txt_ids, timesteps=t,
-                                         y=neg_pooled, guidance=guidance)
+                                         y=neg_pooled, guidance=guidance, pe=pe)
                 v = v_neg + true_cfg_scale * (v - v_neg)
             x = euler_step(x, v, run_sigmas[i], run_sigmas[i + 1])
             if mask is not None:

@@ -189,3 +189,20 @@ def text_ids(
 ) -> torch.Tensor:
     """RoPE positions of the T5 tokens: all zero, so text carries no rotary position."""
     return torch.zeros(seq_len, 3, device=device, dtype=dtype)
+
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device | str,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise drawn as the reference draws it: on the generator's device, one generator per row for a list."""
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)

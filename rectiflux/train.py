@@ -473,6 +473,8 @@ def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_
         if trainer.rank == 0:
             save_transformer(trainer.ema, flux_dir / "final")
         _barrier()
+    if not (flux_dir / "final").exists():  # only the autoencoder so far
+        return ae_dir / "final"
     from .transformer import load_transformer
     flux = load_transformer(flux_dir / "final")
     return export_shapes(Path(export_to) if export_to else out / "model", flux, autoencoder, text_dir)

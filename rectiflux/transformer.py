@@ -304,15 +304,19 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(self.dtype) * 1000).to(self.dtype))
         return vec + self.vector_in(y.to(self.dtype))
 
+    def position_embedding(self, txt_ids: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE tables for [txt; img]; a sampler computes them once per generation and passes them as `pe`."""
+        cos, sin = rope(torch.cat([txt_ids, img_ids], dim=-2), self.config.axes_dim, self.config.theta)
+        return (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)  # batched ids: broadcast over heads
+
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None) -> Tensor:
+                y: Tensor, guidance: Tensor | None = None, pe: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Velocity for packed latents `img` (B, L_img, in_channels) given T5 tokens `txt` and pooled CLIP `y`."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
         img, txt = self.img_in(img.to(self.dtype)), self.txt_in(txt.to(self.dtype))
         vec = self.conditioning(timesteps, y, guidance)
-        cos, sin = rope(torch.cat([txt_ids, img_ids], dim=-2), self.config.axes_dim, self.config.theta)
-        pe = (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)  # batched ids: broadcast over heads
+        pe = self.position_embedding(txt_ids, img_ids) if pe is None else pe
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, pe)
         x = torch.cat([txt, img], dim=1)

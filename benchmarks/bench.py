@@ -1,0 +1,374 @@
+"""rectiflux against diffusers on this machine's CPU: load time, transformer step time, image time, peak memory.
+
+    python -m benchmarks.bench [--configs shapes,medium,large] [--repeats 3] [--threads N] [--out docs/benchmarks.md]
+    python -m benchmarks.bench --smoke            # tiny model, 1 repeat, table to a temp file (CI)
+
+Each config's random weights are written once (diffusers layout); then every repeat runs one fresh subprocess per
+side, alternating which side goes first, with the same thread settings. A child imports only its own library,
+loads the pipeline, times transformer calls on identical inputs, times one image end to end and reports its peak
+resident memory (VmHWM: ru_maxrss would include the parent's peak, which it inherits across exec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("rectiflux", "diffusers")
+PROMPT = "a large red circle on the left on a white background"
+CHILD_TIMEOUT_S = 3 * 3600
+TEXT = {"joint_attention_dim": 4096, "pooled_projection_dim": 768}  # FLUX.1's widths; the text encoders stay tiny
+
+
+@dataclass
+class Config:
+    size: int  # image side in pixels
+    seq_len: int | None  # T5 tokens (None: the model's default)
+    steps: int | None  # denoising steps of the end-to-end image (None: the model's default)
+    calls: int  # timed transformer calls per measurement (after one warm-up call)
+    model: dict | None = None  # transformer/VAE sizes to build; None: the embedded shapes model
+
+
+CONFIGS = {
+    "smoke": Config(32, 16, 2, 2, dict(num_layers=1, num_single_layers=2, num_attention_heads=2,
+                                       attention_head_dim=16, axes_dims_rope=(4, 6, 6), joint_attention_dim=32,
+                                       pooled_projection_dim=32, vae_block_out_channels=(16, 32))),
+    "shapes": Config(64, None, None, 5),
+    "medium": Config(512, 256, 4, 2, dict(num_layers=8, num_single_layers=16, num_attention_heads=12,
+                                          attention_head_dim=128, axes_dims_rope=(16, 56, 56), **TEXT,
+                                          vae_block_out_channels=(32, 64, 64, 64))),
+    # 1.9 G parameters (7.5 GiB float32): fits 24 GB even where diffusers holds the weights twice while loading
+    "large": Config(512, 256, 2, 2, dict(num_layers=3, num_single_layers=6, num_attention_heads=24,
+                                         attention_head_dim=128, axes_dims_rope=(16, 56, 56), **TEXT,
+                                         vae_block_out_channels=(32, 64, 64, 64))),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# children: each runs in its own process, started by `run_child`
+
+def build_folder(folder: Path, model: dict) -> None:
+    """Seeded random FLUX pipeline in the diffusers layout (tiny CLIP and T5, real tokenizer formats)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from rectiflux.tokenizers import CLIP_MAX_LENGTH, build_t5_tokenizer, write_clip_tokenizer
+
+    m = dict(model)
+    vae_blocks, joint, pooled = m.pop("vae_block_out_channels"), m["joint_attention_dim"], m["pooled_projection_dim"]
+    clip_vocab = write_clip_tokenizer(folder / "tokenizer")
+    clip_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    t5_tokenizer = build_t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **m)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks), block_out_channels=vae_blocks,
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip_vocab, hidden_size=pooled, intermediate_size=2 * pooled, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=joint, d_kv=8, d_ff=256, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    FluxPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=clip.eval(), tokenizer=clip_tokenizer,
+                 text_encoder_2=t5.eval(), tokenizer_2=t5_tokenizer,
+                 transformer=transformer.eval()).save_pretrained(folder, safe_serialization=True)
+    write_clip_tokenizer(folder / "tokenizer")  # vocab.json + merges.txt, as a real FLUX folder ships them
+
+
+def gemm_rates(threads: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    rates = {}
+    for name, (m, k, n) in {"2048^3": (2048, 2048, 2048), "576x768 @ 768x3072": (576, 768, 3072)}.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        rates[name] = 2 * m * k * n / statistics.median(times) / 1e9
+    return rates
+
+
+def geometry(folder: Path, cfg: dict) -> dict:
+    """Token counts and latent size of one image, from the folder's configs."""
+    t = json.loads((folder / "transformer" / "config.json").read_text())
+    scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    side = 2 * (cfg["size"] // (2 * scale))  # latent side (even)
+    return {"transformer": t, "latent": side, "l_img": (side // 2) ** 2, "l_txt": cfg["seq_len"]}
+
+
+def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict:
+    start = time.perf_counter()
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    if side == "rectiflux":
+        from rectiflux.pipeline import load
+    else:
+        from diffusers import FluxPipeline
+        from diffusers.utils import logging
+
+        logging.disable_progress_bar()
+    import_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if side == "rectiflux":
+        pipe = load(folder, dtype=torch.float32)
+    else:
+        pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+
+    g = geometry(folder, cfg)
+    t, half = g["transformer"], g["latent"] // 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, g["l_img"], t["in_channels"], generator=gen)
+    txt = torch.randn(1, g["l_txt"], t["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(1, t["pooled_projection_dim"], generator=gen)
+    timestep = torch.tensor([0.5])
+    guidance = torch.tensor([cfg["guidance"]]) if t["guidance_embeds"] else None
+    rows, cols = torch.meshgrid(torch.arange(half), torch.arange(half), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    txt_ids = torch.zeros(g["l_txt"], 3)
+    if side == "rectiflux":
+        def step():
+            return pipe.transformer(img=x, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timestep, y=pooled,
+                                    guidance=guidance)
+    else:
+        def step():
+            return pipe.transformer(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled,
+                                    timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                                    return_dict=False)[0]
+    step_s = []
+    with torch.no_grad():
+        velocity = step()  # warm-up
+        for _ in range(cfg["calls"]):
+            start = time.perf_counter()
+            step()
+            step_s.append(time.perf_counter() - start)
+
+    def image(steps: int):
+        return pipe(PROMPT, height=cfg["size"], width=cfg["size"], num_inference_steps=steps,
+                    guidance_scale=cfg["guidance"], max_sequence_length=cfg["seq_len"],
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    image(1)  # warm-up: text encoders and VAE decoder
+    start = time.perf_counter()
+    pixels = image(cfg["steps"])
+    e2e_s = time.perf_counter() - start
+    np.save(out / f"{side}-velocity.npy", velocity.numpy())
+    np.save(out / f"{side}-image.npy", np.asarray(pixels))
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return {"import": [import_s], "load": [load_s], "step": step_s, "e2e": [e2e_s],
+            "rss": [int(hwm.split()[1]) / 1024]}
+
+
+def child_main(kind: str, payload: dict) -> None:
+    if kind == "build":
+        build_folder(Path(payload["folder"]), payload["model"])
+        result = {}
+    elif kind == "gemm":
+        result = gemm_rates(payload["threads"], payload["repeats"])
+    else:
+        result = measure(kind, Path(payload["folder"]), payload["cfg"], payload["threads"], Path(payload["out"]))
+    Path(payload["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent
+
+class ChildFailed(RuntimeError):
+    pass
+
+
+def run_child(kind: str, payload: dict, threads: int, work: Path, seen: set[str]) -> dict:
+    result = work / f"result-{kind}.json"
+    result.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--child", kind, json.dumps({**payload, "result": str(result)})]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{kind} child ran past {CHILD_TIMEOUT_S} s") from None
+    for line in proc.stderr.splitlines():  # each distinct warning once, so both sides' noise is visible
+        if line.strip() and line not in seen:
+            seen.add(line)
+            print(f"  [{kind} stderr] {line}", file=sys.stderr)
+    if proc.returncode != 0 or not result.exists():
+        raise ChildFailed(f"{kind} child exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.read_text())
+
+
+def step_flops(t: dict, l_img: int, l_txt: int) -> float:
+    """FLOPs of one transformer call: 2 x (linear weights x the tokens they see) + 4 L^2 hidden per block."""
+    h, n2, n1 = t["num_attention_heads"] * t["attention_head_dim"], t["num_layers"], t["num_single_layers"]
+    mlp, seq, c = 4 * h, l_img + l_txt, t["in_channels"]
+    macs = 2 * c * h * l_img + t["joint_attention_dim"] * h * l_txt  # img_in, final linear; txt_in
+    macs += n2 * (4 * h * h + 2 * h * mlp) * seq  # per stream: qkv, proj, MLP, each on that stream's tokens
+    macs += n1 * (h * (3 * h + mlp) + (h + mlp) * h) * seq  # single blocks: linear1, linear2
+    embedders = (2 if t["guidance_embeds"] else 1) * (256 + h) * h + (t["pooled_projection_dim"] + h) * h
+    macs += embedders + (12 * n2 + 3 * n1 + 2) * h * h  # one token each: embedders and modulations
+    return 2 * macs + 4 * seq * seq * h * (n2 + n1)
+
+
+def model_defaults(folder: Path) -> dict:
+    path = folder / "rectiflux.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def stats(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"{med:.3g}" if len(values) == 1 else f"{med:.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
+def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list[str]:
+    from rectiflux.checkpoint import read_keys_and_shapes
+    from rectiflux.models import model_path
+
+    cfg = CONFIGS[name]
+    if cfg.model is None:
+
+        try:
+            folder = model_path(name)
+        except FileNotFoundError as e:
+            return [f"### {name}", "", f"Skipped: {e}. Train it first (`rectiflux train --preset shapes`).", ""]
+    else:
+        folder = work / name
+        print(f"{name}: writing random weights to {folder}", flush=True)
+        run_child("build", {"folder": str(folder), "model": cfg.model}, args.threads, work, seen)
+    d = model_defaults(folder)
+    c = {"size": cfg.size, "seq_len": cfg.seq_len or d.get("max_sequence_length", 512), "calls": cfg.calls,
+         "steps": cfg.steps or d.get("steps", 28), "guidance": float(d.get("guidance", 3.5))}
+    g = geometry(folder, c)
+    t, flops = g["transformer"], step_flops(g["transformer"], g["l_img"], g["l_txt"])
+    params = sum(math.prod(shape) for shape in read_keys_and_shapes(folder / "transformer").values())
+    results: dict[str, dict[str, list]] = {side: {} for side in SIDES}
+    for r in range(args.repeats):
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            print(f"{name}: repeat {r + 1}/{args.repeats}, {side}", flush=True)
+            out = run_child(side, {"folder": str(folder), "cfg": c, "threads": args.threads, "out": str(work)},
+                            args.threads, work, seen)
+            for key, values in out.items():
+                results[side].setdefault(key, []).extend(values)
+    for side in SIDES:
+        results[side]["gflops"] = [flops / s / 1e9 for s in results[side]["step"]]
+        results[side]["gemm"] = [100 * v / gemm for v in results[side]["gflops"]]
+
+    import numpy as np
+
+    diff = {k: float(np.abs(np.load(work / f"rectiflux-{k}.npy") - np.load(work / f"diffusers-{k}.npy")).max())
+            for k in ("velocity", "image")}
+    rows = [("import (s)", "import"), ("load (s)", "load"), ("transformer step (s)", "step"),
+            ("transformer GFLOP/s", "gflops"), ("% of GEMM rate", "gemm"),
+            (f"end-to-end, {c['steps']} steps (s/image)", "e2e"), ("peak RSS (MiB)", "rss")]
+    lines = [f"### {name}", "",
+             f"{t['num_layers']} double + {t['num_single_layers']} single blocks, hidden "
+             f"{t['num_attention_heads'] * t['attention_head_dim']} ({t['num_attention_heads']} x "
+             f"{t['attention_head_dim']}), {params / 1e6:.1f} M transformer parameters; {c['size']}x{c['size']} "
+             f"image = {g['l_img']} image + {g['l_txt']} text tokens; {flops / 1e9:.3g} GFLOP per transformer step; "
+             f"{args.repeats} repeat(s) x {c['calls']} timed step(s).", "",
+             "| metric | rectiflux | diffusers | rectiflux / diffusers |", "|---|---|---|---|"]
+    for label, key in rows:
+        r_, d_ = results["rectiflux"][key], results["diffusers"][key]
+        lines.append(f"| {label} | {stats(r_)} | {stats(d_)} | {statistics.median(r_) / statistics.median(d_):.2f} |")
+    lines += ["", f"Same work on both sides: max |difference| of one transformer output {diff['velocity']:.2g}, "
+              f"of the image {diff['image']:.2g} (pixels in [0, 1]).", ""]
+    return lines
+
+
+def machine(threads: int) -> list[str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "unknown")
+    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                  if ln.startswith("MemTotal"))
+    load = Path("/proc/loadavg").read_text().split()[0]
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "diffusers", "transformers"))
+    try:
+        accelerate = f"accelerate {metadata.version('accelerate')} (diffusers loads on the meta device)"
+    except metadata.PackageNotFoundError:
+        accelerate = "no accelerate (diffusers initialises random weights, then loads: slower, twice the memory)"
+    return [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {mem_kb / 2**20:.1f} GiB RAM; "
+            f"load average at start {load}",
+            f"- {versions}, Python {sys.version.split()[0]}; {accelerate}",
+            f"- threads: {threads} (torch.set_num_threads and OMP_NUM_THREADS), OMP_WAIT_POLICY=PASSIVE, float32"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", help=f"comma-separated, of {', '.join(CONFIGS)} (default shapes,medium,large)")
+    p.add_argument("--repeats", type=int, help="fresh-process measurements per side (default 3; 1 with --smoke)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every child")
+    p.add_argument("--out", type=Path, help="markdown file (default docs/benchmarks.md; a temp file with --smoke)")
+    p.add_argument("--workdir", type=Path, help="where the random weights go (default: the system temp dir)")
+    p.add_argument("--smoke", action="store_true", help="the tiny config, 1 repeat: checks the harness, not speed")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(args.child[0], json.loads(args.child[1]))
+        return 0
+    names = (args.configs or ("smoke" if args.smoke else "shapes,medium,large")).split(",")
+    if unknown := [n for n in names if n not in CONFIGS]:
+        p.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    out = args.out or (Path(tempfile.gettempdir()) / "rectiflux-bench-smoke.md" if args.smoke
+                       else ROOT / "docs" / "benchmarks.md")
+    seen: set[str] = set()
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="rectiflux-bench-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        print("measuring float32 GEMM throughput", flush=True)
+        gemm = run_child("gemm", {"threads": args.threads, "repeats": 3 if args.smoke else 10}, args.threads, work,
+                         seen)
+        print("GEMM: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items()), flush=True)
+        lines = ["# rectiflux vs diffusers on CPU", "",
+                 f"`python -m benchmarks.bench {shlex.join(sys.argv[1:] if argv is None else argv)}`, "
+                 f"{datetime.now().astimezone().isoformat(timespec='seconds')}", "", *machine(args.threads),
+                 "- float32 GEMM (torch.mm, median): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items()),
+                 "", "Every cell: median (min-max) over fresh processes (steps: over all timed calls). Ratios below 1 "
+                 "favour rectiflux, except GFLOP/s and % of GEMM (the 2048^3 rate), where above 1 does. A step is one "
+                 "transformer call on identical random inputs, after one warm-up call; end-to-end is one image "
+                 "(text encoders, sampling, VAE decode) after a 1-step warm-up image; peak RSS is the child's VmHWM "
+                 "over import, load, steps and images.", ""]
+        for name in names:
+            try:
+                table = run_config(name, args, gemm["2048^3"], work, seen)
+            except ChildFailed as e:
+                failed, table = True, [f"### {name}", "", f"Failed: {e}", ""]
+            print("\n" + "\n".join(table), flush=True)
+            lines += table
+            shutil.rmtree(work / name, ignore_errors=True)  # a large config's weights go before the next one's
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""Weight quantisation of the FLUX transformer: int8 or float8 weights with one float32 scale per output channel.
+
+`QuantizedLinear` replaces an `nn.Linear` for inference. Its weight is stored symmetric per output channel:
+int8 with scale = max|w_row| / 127, or float8 e4m3 with scale = max|w_row| / 448 (e4m3's largest finite value),
+so each row uses the whole code range and one outlier row cannot crush the resolution of the others.
+
+Forward kernels, chosen per call (`QuantizedLinear.kernel_for` says which one a given input gets):
+
+* ``int8pack``: int8 weights on CPU run `aten._weight_int8pack_mm`, which multiplies by the int8 matrix and
+  applies the per-channel scale inside the kernel, so no float copy of the weight is ever made;
+* ``int_mm``: with ``activations="int8"`` each token (row of the input) is quantised symmetric to int8 on the
+  fly and `torch._int_mm` computes an exact int32 product, rescaled by the token and channel scales;
+* ``dequant``: everything else (float8 weights, int8 elsewhere than on CPU, shapes `_int_mm` refuses)
+  dequantises the weight to float for this call and runs an ordinary matmul.
+
+Every kernel returns the input's dtype. The module is for inference: nothing here defines gradients.
+
+A quantised transformer is saved as one safetensors file: each quantised weight under its usual name in
+int8 / float8_e4m3fn, its scale as `<module>.weight_scale`, every other tensor as it was, and the FluxConfig
+(json) and the weight format in the metadata, so `load_quantized` needs nothing beside the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .checkpoint import (
+    CheckpointError,
+    load_into,
+    parse_dtype,
+    read_json,
+    read_keys_and_shapes,
+    read_state_dict,
+    save_state_dict,
+    strip_prefix,
+    weight_files,
+)
+from .transformer import BFL_PREFIXES, Flux, FluxConfig, _is_diffusers, _resolve, _saved_config, from_diffusers
+
+WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
+# The largest code of each format: 127 rather than 128 keeps int8 symmetric (-127..127), and 448 is e4m3fn's
+# largest finite value (it has no infinity, so anything larger would become NaN).
+QMAX = {"int8": 127.0, "float8": 448.0}
+ACTIVATIONS = (None, "int8")
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# Left in float by default. Together they hold about 0.5% of FLUX.1's weights, so quantising them saves
+# almost nothing, and they are the layers with no residual stream to average their error away: img_in/txt_in
+# read raw latents and T5 features (whose few huge channels set a per-row scale that flattens the rest),
+# time/vector/guidance_in produce the conditioning vector that modulates every block, and final_layer writes
+# the velocity itself.
+DEFAULT_SKIP = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+
+METADATA_CONFIG = "rectiflux_config"  # the same key save_transformer uses for its BFL files
+METADATA_FORMAT = "rectiflux_quantization"
+SCALE_SUFFIX = ".weight_scale"
+
+try:  # a CPU (and MPS) kernel added in torch 2.3; looked up once so the tests can switch it off
+    _INT8PACK_MM = torch.ops.aten._weight_int8pack_mm
+except (AttributeError, RuntimeError):
+    _INT8PACK_MM = None
+_INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_MM = getattr(torch, "_int_mm", None)
+
+
+def _check_format(weights: str, activations: str | None) -> None:
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight format {weights!r}; use 'int8' or 'float8'")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activation format {activations!r}; use None or 'int8'")
+    if activations == "int8" and weights != "int8":
+        raise ValueError("int8 activations need int8 weights (torch._int_mm multiplies int8 by int8)")
+
+
+def quantize_weight(weight: Tensor, weights: str = "int8") -> tuple[Tensor, Tensor]:
+    """(out, in) float weight -> (quantised weight, float32 scale per output row), symmetric."""
+    _check_format(weights, None)
+    w = weight.detach().float()  # bf16/fp16 widen exactly, so the result does not depend on the stored dtype
+    amax = w.abs().amax(dim=1)
+    # an all-zero row would give scale 0 and 0/0 = NaN codes: any positive scale encodes it as zeros
+    scale = torch.where(amax > 0, amax / QMAX[weights], torch.ones_like(amax))
+    # dividing (rather than multiplying by 1/scale) puts each row's largest weight exactly on the top code
+    codes = (w / scale[:, None]).clamp_(-QMAX[weights], QMAX[weights])  # in place: one float temporary, not three
+    if weights == "int8":
+        codes.round_()
+    return codes.to(WEIGHT_DTYPES[weights]), scale
+
+
+def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float weight a quantised one stands for (computed in float32, then cast)."""
+    return (weight.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) -> int8 codes and a float32 (M, 1) scale per row: dynamic, symmetric, per token."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return (xf / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+class QuantizedLinear(nn.Module):
+    """An inference-only `nn.Linear` whose weight is int8 or float8 e4m3 with a float32 scale per output channel.
+
+    `weight` and `weight_scale` are buffers (they are not trainable); `bias` stays a float parameter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weights: str = "int8",
+                 activations: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        _check_format(weights, activations)
+        self.in_features, self.out_features = in_features, out_features
+        self.weights, self.activations = weights, activations
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=WEIGHT_DTYPES[weights],
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weights: str = "int8", activations: str | None = None) -> QuantizedLinear:
+        """Quantise `linear`'s weight; the bias parameter itself is shared, not copied."""
+        module = cls(linear.in_features, linear.out_features, bias=False, weights=weights, activations=activations,
+                     device="meta")
+        module.weight, module.weight_scale = quantize_weight(linear.weight, weights)
+        module.bias = linear.bias
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def kernel_for(self, x: Tensor) -> str:
+        """Which kernel `forward(x)` uses: 'int_mm', 'int8pack' or 'dequant'."""
+        if self.weight.dtype == torch.int8:
+            m = x.numel() // max(self.in_features, 1)
+            # _int_mm's limits on CUDA (cuBLASLt): more than 16 rows, K and N multiples of 8. The CPU kernel of
+            # torch 2.13 takes any shape, but the same rule keeps the choice identical on every device, and
+            # for a handful of rows the weight-only kernel is the better one anyway.
+            if (self.activations == "int8" and _INT_MM is not None and x.device.type in ("cpu", "cuda")
+                    and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0):
+                return "int_mm"
+            if _INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES:
+                return "int8pack"
+        return "dequant"
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernel_for(x)
+        x2d = x.reshape(-1, self.in_features)
+        if kernel == "int_mm":
+            codes, x_scale = quantize_tokens(x2d)
+            acc = _INT_MM(codes, self.weight.t())
+            # the int32 sum is exact (|acc| <= K * 127^2 stays far below 2^31 for any FLUX width)
+            y = acc.float() * x_scale * self.weight_scale.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        elif kernel == "int8pack":
+            # the kernel wants the scales in the input's dtype (bf16 scales cost < 0.4% per channel, below the
+            # rounding of a bf16 output anyway)
+            y = _INT8PACK_MM(x2d.contiguous(), self.weight, self.weight_scale.to(x.dtype))
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x2d, self.dequantized_weight(x.dtype), bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weights={self.weights}, activations={self.activations}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole transformers
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _quantize_linears(root: nn.Module, prefix: str, weights: str, activations: str | None,
+                      skip: Iterable[str]) -> None:
+    """Swap every nn.Linear under `root` (whose name in the whole model is `prefix`) not covered by `skip`."""
+    for name, module in list(root.named_modules()):
+        full = f"{prefix}.{name}" if prefix and name else prefix or name
+        if isinstance(module, nn.Linear) and not _skipped(full, skip):
+            # one at a time: once swapped, the float weight has no reference left in the model and is freed
+            _replace(root, name, QuantizedLinear.from_linear(module, weights, activations))
+
+
+def _check_skip(skip: Iterable[str]) -> tuple[str, ...]:
+    skip = tuple(skip)
+    if "img_in" not in skip:
+        # Flux.dtype is read off img_in.weight: an int8 weight there would make the model cast its inputs to int8
+        raise ValueError("img_in must stay in float (Flux takes its dtype from it); keep 'img_in' in skip")
+    return skip
+
+
+def quantize_transformer(model: Flux, weights: str = "int8", activations: str | None = None,
+                         skip: Iterable[str] = DEFAULT_SKIP) -> Flux:
+    """Quantise `model` in place and return it.
+
+    Every nn.Linear whose qualified name is not in `skip` (or under a name in it) becomes a QuantizedLinear;
+    by default that is every linear of the double and single blocks (see DEFAULT_SKIP for why the rest stays
+    float). Pass e.g. ``skip=("img_in",)`` to quantise the embedders and the final layer too.
+    """
+    _check_format(weights, activations)
+    _quantize_linears(model, "", weights, activations, _check_skip(skip))
+    return model
+
+
+def set_activations(model: nn.Module, activations: str | None) -> nn.Module:
+    """Switch the activation mode of every QuantizedLinear in `model` (the stored weights do not change)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            _check_format(module.weights, activations)
+            module.activations = activations
+    return model
+
+
+def _model_format(model: nn.Module) -> str:
+    formats = {m.weights for m in model.modules() if isinstance(m, QuantizedLinear)}
+    if not formats:
+        raise ValueError("the model has no QuantizedLinear: run quantize_transformer first")
+    if len(formats) > 1:
+        raise ValueError(f"the model mixes weight formats {sorted(formats)}; a file holds one")
+    return formats.pop()
+
+
+def save_quantized(model: Flux, path: str | os.PathLike) -> None:
+    """Write a quantised transformer to one .safetensors file (atomically)."""
+    metadata = {"format": "pt", METADATA_FORMAT: _model_format(model),
+                METADATA_CONFIG: json.dumps(asdict(model.config))}
+    save_state_dict(model.state_dict(), path, metadata)
+
+
+def _list(items: list[str], limit: int = 4) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _read_metadata(file: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a corrupt or truncated file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read {file}: {first}") from None
+
+
+def _copy_float_parameters(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Give every float parameter its own memory (cast to `dtype` if one is given); quantised buffers stay mapped.
+
+    Two reasons. A memory-mapped tensor sits at whatever offset the file gives it, and the CPU BLAS sums
+    in a different order for operands that are not 64-byte aligned, so a float layer read straight from the
+    file computes different last bits than the same layer in memory (the int8 kernels do not care). And
+    model.to(dtype) would also cast the float8 weights and float32 scales, which are floating-point buffers.
+    The float parts are well under 1% of FLUX.1's weights, so the copy costs next to nothing.
+    """
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            copy = p.detach().to(dtype or p.dtype, copy=True)
+            setattr(module, name, nn.Parameter(copy, requires_grad=p.requires_grad))
+
+
+def load_quantized(path: str | os.PathLike, activations: str | None = None,
+                   dtype: torch.dtype | str | None = None) -> Flux:
+    """Load a file written by `save_quantized` (or `quantize_file`).
+
+    The model is built on the meta device, the modules the file quantises are swapped for QuantizedLinear,
+    and the memory-mapped quantised weights are assigned as they are: no float copy of them is ever made.
+    The float parts (biases, norms, embedders) are copied into memory, cast to `dtype` if one is given.
+    """
+    dtype = parse_dtype(dtype)
+    files = weight_files(path)
+    meta = _read_metadata(files[0])
+    what = f"quantized transformer {path}"
+    weights = meta.get(METADATA_FORMAT)
+    if weights not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{path} is not a quantized transformer (metadata {METADATA_FORMAT}={weights!r}); "
+                              "convert a float checkpoint with quantize_file")
+    _check_format(weights, activations)
+    try:
+        cfg = FluxConfig(**json.loads(meta[METADATA_CONFIG]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{what} has no usable {METADATA_CONFIG} metadata: {e}") from None
+    state = read_state_dict(path)
+    with torch.device("meta"):
+        model = Flux(cfg)
+
+    quantized = sorted(k[: -len(SCALE_SUFFIX)] for k in state if k.endswith(SCALE_SUFFIX))
+    problems, accepted = [], []
+    for name in quantized:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # no such module at all: load_into names its tensors as unexpected
+        if not isinstance(module, nn.Linear) or name == "img_in":
+            problems.append(f"{name}{SCALE_SUFFIX} (no quantizable linear {name})")
+            continue
+        accepted.append(name)
+        _replace(model, name, QuantizedLinear(module.in_features, module.out_features, module.bias is not None,
+                                              weights, activations, device="meta"))
+    # load_into checks names and shapes; the dtypes are checked here, since a float weight beside a scale (or an
+    # int8 one without) would load and then compute garbage
+    expected = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items()}
+    exact = {f"{n}.weight" for n in accepted} | {f"{n}{SCALE_SUFFIX}" for n in accepted}
+    for key, tensor in state.items():
+        if key not in expected:
+            continue  # load_into names it as unexpected
+        if key in exact:
+            ok, want = tensor.dtype == expected[key], _dtype_name(expected[key])
+        else:
+            ok, want = tensor.is_floating_point() and tensor.dtype not in FLOAT8_DTYPES, "float"
+        if not ok:
+            problems.append(f"{key} is {_dtype_name(tensor.dtype)} (expected {want})")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model: {_list(problems)}")
+    load_into(model, state, None, what)
+    _copy_float_parameters(model, dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# converting float checkpoints block by block
+
+def _unit(key: str) -> str:
+    """The piece of the model a tensor belongs to: `double_blocks.3`, `single_blocks.0`, `img_in`, ..."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("double_blocks", "single_blocks") and len(parts) > 2 else parts[0]
+
+
+def _group(keys: Iterable[str], unit: Callable[[str], str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(unit(key), []).append(key)
+    return groups
+
+
+def _diffusers_unit(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "transformer_blocks" and len(parts) > 2:
+        return f"double_blocks.{parts[1]}"
+    if parts[0] == "single_transformer_blocks" and len(parts) > 2:
+        return f"single_blocks.{parts[1]}"
+    return ""  # embedders, norm_out, proj_out: small, converted together
+
+
+def _float_units(path: Path, axes_dim: tuple[int, ...] | None) -> tuple[FluxConfig, str, Iterator]:
+    """The config of a float checkpoint and a generator of (unit, {our name: tensor}) for one unit at a time.
+
+    The config is found as load_transformer finds it. The tensors are memory-mapped; the diffusers layout's
+    q/k/v (and the single blocks' MLP input) are concatenated one block at a time, so at most one block of
+    float weights is ever materialised.
+    """
+    shapes = read_keys_and_shapes(path)
+    if _is_diffusers(shapes):
+        config_file = (path if path.is_dir() else path.parent) / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"diffusers-layout weights {path} need their config.json beside them")
+        cfg = FluxConfig.from_diffusers(read_json(config_file))
+        if axes_dim is not None:
+            cfg.axes_dim = tuple(axes_dim)
+        what = f"diffusers transformer {path}"
+
+        def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
+            state = read_state_dict(path)
+            groups = _group(list(state), _diffusers_unit)
+            rest = groups.pop("", [])
+            for unit, keys in groups.items():
+                yield unit, from_diffusers({k: state.pop(k) for k in keys}, cfg)
+            converted = from_diffusers({k: state.pop(k) for k in rest}, cfg)
+            for unit, keys in _group(list(converted), _unit).items():
+                yield unit, {k: converted.pop(k) for k in keys}
+    else:
+        if axes_dim is None:
+            axes_dim = _saved_config(path).get("axes_dim")
+        cfg = FluxConfig.from_shapes(strip_prefix(shapes, BFL_PREFIXES), axes_dim)
+        what = f"BFL transformer {path}"
+
+        def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
+            state = strip_prefix(read_state_dict(path), BFL_PREFIXES)
+            for unit, keys in _group(list(state), _unit).items():
+                yield unit, {k: state.pop(k) for k in keys}
+    return cfg, what, units()
+
+
+def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, weights: str = "int8",
+                  dtype: torch.dtype | str | None = torch.float32, skip: Iterable[str] = DEFAULT_SKIP,
+                  axes_dim: tuple[int, ...] | None = None) -> None:
+    """Convert a float checkpoint (diffusers folder or BFL file, as load_transformer reads) to a quantized file.
+
+    The model is filled one block at a time from the memory-mapped checkpoint; each block's linears are
+    quantised as soon as it is loaded and its float weights dropped, so the peak memory is the quantised
+    model plus about one block in its stored dtype (for a diffusers folder, whose q/k/v are concatenated
+    here), plus whatever safetensors needs to write the result. `dtype` is the dtype of the parts kept in
+    float (float32 by default, like load_transformer), so the result equals quantize_transformer(load_transformer(src)).
+    """
+    _check_format(weights, None)
+    dtype = parse_dtype(dtype)
+    skip = _check_skip(skip)
+    cfg, what, units = _float_units(_resolve(src), axes_dim)
+    with torch.device("meta"):
+        model = Flux(cfg)
+    children = {name for name, _ in model.named_children()} - {"double_blocks", "single_blocks"}
+    blocks = {f"{kind}.{i}" for kind in ("double_blocks", "single_blocks") for i in range(len(getattr(model, kind)))}
+    unexpected: list[str] = []
+    for unit, part in units:
+        if unit not in children | blocks:
+            unexpected += sorted(part)
+            continue
+        module = model.get_submodule(unit)
+        # loaded in the stored dtype: quantize_weight widens each weight to float32 by itself, one linear at a
+        # time, so casting a bf16 block to float32 first would only double its peak; the float parts left
+        # after quantisation are cast (and copied off the mapped file) right after, as load_quantized does
+        load_into(module, {k.removeprefix(unit + "."): part.pop(k) for k in list(part)}, None, f"{what} ({unit})")
+        _quantize_linears(module, unit, weights, None, skip)
+        _copy_float_parameters(module, dtype)
+    if unexpected:
+        raise CheckpointError(f"{what} does not match the model: unexpected {_list(unexpected)}")
+    missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{what} does not match the model: missing {_list(missing)}")
+    save_quantized(model, dst)

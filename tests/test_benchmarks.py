@@ -1,0 +1,59 @@
+"""The benchmark harness runs end to end (tiny model, one repeat) and counts transformer FLOPs right.
+
+Timings are not checked here: a timing is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rectiflux.transformer import Flux, FluxConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not part of the package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench import step_flops  # noqa: E402
+
+METRICS = ("import (s)", "load (s)", "transformer step (s)", "transformer GFLOP/s", "% of GEMM rate",
+           "end-to-end, 2 steps (s/image)", "peak RSS (MiB)")
+
+
+def test_smoke_run_writes_the_table(tmp_path):
+    out = tmp_path / "bench.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke", "--threads", "1", "--out", str(out),
+                           "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert "--smoke --threads 1" in text and "float32 GEMM" in text and "CPU:" in text
+    assert "| metric | rectiflux | diffusers | rectiflux / diffusers |" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    for metric in METRICS:
+        cells = [c.strip() for c in rows[metric].strip("|").split("|")]
+        assert len(cells) == 4 and all(cells), rows[metric]  # both sides and the ratio are filled in
+        float(cells[3])
+    assert "max |difference| of one transformer output" in text
+    assert list(tmp_path.iterdir()) == [out]  # the random weights were cleaned up
+
+
+def test_step_flops_match_the_counted_matmuls():
+    t = dict(num_attention_heads=4, attention_head_dim=16, num_layers=2, num_single_layers=3, in_channels=64,
+             joint_attention_dim=48, pooled_projection_dim=40, guidance_embeds=True)
+    model = Flux(FluxConfig(in_channels=64, num_heads=4, head_dim=16, depth=2, depth_single=3, joint_attention_dim=48,
+                            pooled_projection_dim=40, axes_dim=(4, 6, 6))).eval()
+    l_img, l_txt = 64, 16
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(img=torch.randn(1, l_img, 64), img_ids=torch.zeros(l_img, 3), txt=torch.randn(1, l_txt, 48),
+              txt_ids=torch.zeros(l_txt, 3), timesteps=torch.tensor([0.5]), y=torch.randn(1, 40),
+              guidance=torch.tensor([3.5]))
+    counted = counter.get_total_flops()
+    # the counter sees every linear; it may or may not see CPU attention (4 L^2 hidden per block)
+    attention = 4 * (l_img + l_txt) ** 2 * 64 * 5
+    assert step_flops(t, l_img, l_txt) in (counted, counted + attention)

@@ -373,7 +373,7 @@ SHAPES_AE = AutoEncoderConfig(block_out_channels=(16, 32, 64, 64), layers_per_bl
 SHAPES_FLUX = FluxConfig(in_channels=64, num_heads=2, head_dim=64, depth=2, depth_single=4,
                          joint_attention_dim=64, pooled_projection_dim=64, axes_dim=(8, 28, 28), guidance_embed=True)
 SHAPES_TEXT = {"hidden": 64, "layers": 2, "heads": 2}
-SHAPES_DEFAULTS = {"steps": 8, "guidance": 4.0, "width": 64, "height": 64, "max_sequence_length": 20,
+SHAPES_DEFAULTS = {"steps": 8, "guidance": 5.0, "width": 64, "height": 64, "max_sequence_length": 20,
                    "strength": 0.7}
 SHAPES_SCHEDULER = SchedulerConfig(shift=1.0, use_dynamic_shifting=False)
 SHAPES_STAGES = {

@@ -34,7 +34,7 @@ def test_ships_in_the_diffusers_layout_under_40_mb():
 
 
 def test_diffusers_loads_it_and_agrees(pipe):
-    ref = FluxPipeline.from_pretrained(model_path("shapes"), torch_dtype=torch.float32, local_files_only=True)
+    ref = FluxPipeline.from_pretrained(model_path("shapes"), dtype=torch.float32, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     kwargs = dict(prompt=["a large red circle on the left on a white background",
                           "a small blue cross at the top on a gray background"],

@@ -161,6 +161,9 @@ def save_state_dict(state: Mapping[str, torch.Tensor], file: str | os.PathLike, 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would make installed models unreadable to others
         os.replace(tmp, file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

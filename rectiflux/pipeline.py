@@ -7,7 +7,6 @@ the noise in the unpacked latent shape), so a seed gives the same image here as 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,7 +378,3 @@ def load(source: str | os.PathLike = "shapes", dtype: torch.dtype | str | None =
     pipe.source = path
     return pipe
 
-
-def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
-    start = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - start

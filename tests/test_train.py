@@ -161,3 +161,29 @@ def test_two_processes_keep_the_same_weights(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
         moved += not torch.equal(rank0[key], start[key])
     assert moved > 0  # they trained, and stayed identical
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Flux(TINY_FLUX).train()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(img=torch.randn(2, 4, 64, generator=g), img_ids=torch.zeros(4, 3),
+                  txt=torch.randn(2, 3, 16, generator=g), txt_ids=torch.zeros(3, 3),
+                  timesteps=torch.rand(2, generator=g), y=torch.randn(2, 16, generator=g),
+                  guidance=torch.ones(2))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(**inputs).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_step_runs(tmp_path):
+    trainer = flux_trainer(tmp_path, 2)
+    trainer.cfg.bf16 = True
+    stats = trainer.train_step()
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -154,6 +154,8 @@ def _common_options(with_image: bool, with_mask: bool) -> argparse.ArgumentParse
     p.add_argument("--dtype", choices=DTYPES, help="weights and compute type (default: bfloat16 on CUDA, "
                                                    "float32 elsewhere)")
     p.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--quantize", choices=QUANTIZE, help="store the transformer blocks' linear layers in 8 bits "
+                                                       "(int8-dynamic: int8 activations too)")
     p.add_argument("--from-png", metavar="IMAGE.png",
                    help="take the recipe stored in a rectiflux PNG; options given here override its values")
     p.add_argument("-o", "--output", metavar="FILE.png",
@@ -162,6 +164,9 @@ def _common_options(with_image: bool, with_mask: bool) -> argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
+
+
+QUANTIZE = ("int8", "int8-dynamic", "float8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +289,7 @@ class Request:
     model: str
     true_cfg: float
     dtype: str | None = None  # None: chosen for the device
+    quantize: str | None = None
     device: str | None = None
     steps: int | None = None  # None here and below: the model's default, filled in once it is loaded
     guidance: float | None = None
@@ -300,7 +306,7 @@ RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
     "mode": str, "prompt": str, "negative_prompt": str, "seed": seed_type, "steps": steps_type,
     "guidance": guidance_type, "width": side_type, "height": side_type, "strength": strength_type,
     "true_cfg": true_cfg_type, "max_sequence_length": sequence_length_type, "dtype": str, "model": str,
-    "model_name": str, "model_hash": str, "image": str, "mask": str, VERSION_KEY: str,
+    "model_name": str, "model_hash": str, "image": str, "mask": str, "quantize": str, VERSION_KEY: str,
 }
 
 
@@ -361,6 +367,7 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
         raise UsageError(f"seeds {seed}..{seed + num_images - 1} go past the largest seed {SEED_LIMIT - 1}")
     req = Request(mode=mode, prompt=prompt, negative_prompt=negative, seed=seed, num_images=num_images,
                   model=model_argument(pick("model", "shapes")), true_cfg=true_cfg, dtype=pick("dtype"),
+                  quantize=pick("quantize"),
                   device=args.device, steps=pick("steps"), guidance=pick("guidance"), width=pick("width"),
                   height=pick("height"), max_sequence_length=pick("max_sequence_length"))
     if mode != "generate":
@@ -653,7 +660,7 @@ def load_pipeline(req: Request, device: Any) -> Any:
     from .pipeline import load
 
     try:
-        return load(req.model, dtype=req.dtype, device=device)
+        return load(req.model, dtype=req.dtype, device=device, quantize=req.quantize)
     except OSError as e:  # a missing or unreadable model file is the user's input too (ValueErrors already are)
         raise UsageError(f"cannot load the model {req.model}: {_one_line(e)}") from None
 
@@ -674,6 +681,8 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
     text.update(true_cfg=repr(float(req.true_cfg)), max_sequence_length=str(req.max_sequence_length),
                 dtype=req.dtype, model=req.model, model_name=str(pipe.name), model_hash=model_hash,
                 device=str(pipe.device), Software=f"{PROG} {__version__}")
+    if req.quantize is not None:
+        text["quantize"] = req.quantize
     text[VERSION_KEY] = __version__
     return text
 

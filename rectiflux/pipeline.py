@@ -344,12 +344,14 @@ def read_defaults(folder: Path | None, transformer: Flux, vae_scale_factor: int)
 
 def load(source: str | os.PathLike = "shapes", dtype: torch.dtype | str | None = torch.float32,
          device: str | torch.device = "cpu", vae: str | os.PathLike | None = None,
-         text_encoders: str | os.PathLike | None = None) -> FluxPipeline:
+         text_encoders: str | os.PathLike | None = None, quantize: str | None = None) -> FluxPipeline:
     """Load a whole pipeline.
 
     `source` is a diffusers-layout folder, a BFL transformer .safetensors file (with `vae=` the BFL ae.safetensors
     and `text_encoders=` a diffusers folder holding the CLIP and T5 subfolders, both found beside the file when
     not given), a Hugging Face repo id in the local cache, or the name of an embedded model ('shapes').
+    `quantize` ("int8", "int8-dynamic" for int8 activations too, or "float8") stores the transformer blocks'
+    linear layers in 8 bits with per-channel scales.
     """
     dtype = parse_dtype(dtype)
     path = resolve_source(source)
@@ -370,6 +372,13 @@ def load(source: str | os.PathLike = "shapes", dtype: torch.dtype | str | None =
         sched_file = path / "scheduler" / "scheduler_config.json"
         scheduler = SchedulerConfig.from_diffusers(read_json(sched_file)) if sched_file.exists() else SchedulerConfig()
         folder = path
+    if quantize is not None:
+        from .quantize import quantize_transformer
+
+        modes = {"int8": ("int8", None), "int8-dynamic": ("int8", "int8"), "float8": ("float8", None)}
+        if quantize not in modes:
+            raise ValueError(f"quantize must be one of {', '.join(modes)}, got {quantize!r}")
+        transformer = quantize_transformer(transformer, *modes[quantize])
     encoders = TextEncoders.from_folder(encoders_dir, dtype=dtype)
     pipe = FluxPipeline(transformer.to(device), autoencoder.to(device), encoders, scheduler, name=path.name)
     pipe.text_encoders.clip.to(device)

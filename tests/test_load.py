@@ -80,3 +80,14 @@ def test_dtype_argument(folder):
     pipe = load(folder, dtype="bfloat16")
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.autoencoder.decoder.conv_in.weight.dtype == torch.bfloat16
     assert np.isfinite(image(pipe)).all()
+
+
+def test_quantized_pipeline_stays_close_to_float32(folder):
+    reference = image(load(folder))
+    for mode, min_psnr in (("int8", 35), ("int8-dynamic", 30), ("float8", 30)):
+        pipe = load(folder, quantize=mode)
+        assert any(type(m).__name__ == "QuantizedLinear" for m in pipe.transformer.modules())
+        mse = float(((image(pipe) - reference) ** 2).mean())
+        assert 10 * np.log10(1 / max(mse, 1e-12)) >= min_psnr, mode
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        load(folder, quantize="int4")

@@ -397,17 +397,12 @@ def check_limits(req: Request) -> None:
 
 def open_input(path: str, what: str) -> Any:
     """A source image or mask, read whole now so that a bad file is reported before the model loads."""
-    from PIL import Image
+    from .images import open_image
 
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"no {what} file at {p}")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"cannot read {what} {p}: {e}") from None
+        return open_image(path, what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def load_inputs(req: Request) -> tuple[Any, Any]:

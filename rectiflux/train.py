@@ -448,8 +448,11 @@ def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_
     export. The overrides change TrainConfig fields of each stage (e.g. fewer steps for a smoke run)."""
     out = Path(out)
     text_dir = out / "text"
-    encoders = (TextEncoders.from_folder(text_dir, dtype=torch.float32) if (text_dir / "text_encoder_2").exists()
-                else build_text_encoders(text_dir))
+    rank, _ = _init_distributed()
+    if rank == 0 and not (text_dir / "text_encoder_2").exists():  # one process writes, the others wait and read
+        build_text_encoders(text_dir)
+    _barrier()
+    encoders = TextEncoders.from_folder(text_dir, dtype=torch.float32)
     ae_dir = out / "ae"
     if "ae" in stages:
         cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["ae"]), **(ae_overrides or {}), "stage": "ae",
@@ -477,7 +480,11 @@ def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_
         return ae_dir / "final"
     from .transformer import load_transformer
     flux = load_transformer(flux_dir / "final")
-    return export_shapes(Path(export_to) if export_to else out / "model", flux, autoencoder, text_dir)
+    target = Path(export_to) if export_to else out / "model"
+    if rank == 0:
+        export_shapes(target, flux, autoencoder, text_dir)
+    _barrier()
+    return target
 
 
 def _barrier() -> None:

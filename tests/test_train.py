@@ -187,3 +187,19 @@ def test_bf16_autocast_step_runs(tmp_path):
     stats = trainer.train_step()
     assert torch.isfinite(torch.tensor(stats["loss"]))
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_train_command_runs_under_torchrun_and_exports_a_loadable_model(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+               "-m", "rectiflux", "train", "--preset", "shapes", "--out", str(tmp_path / "run"), "--ae-steps", "2",
+               "--flux-steps", "3", "--distill-steps", "1", "--batch-size", "4", "--bank-size", "8",
+               "--checkpoint-every", "2", "--sample-every", "0"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "flux" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3
+    from rectiflux.pipeline import load
+
+    pipe = load(tmp_path / "run" / "model")
+    assert pipe.defaults.width == 64 and pipe("a red circle", seed=0, num_inference_steps=2).images[0].size == (64, 64)

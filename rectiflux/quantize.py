@@ -37,14 +37,12 @@ from .checkpoint import (
     CheckpointError,
     load_into,
     parse_dtype,
-    read_json,
-    read_keys_and_shapes,
     read_state_dict,
     save_state_dict,
     strip_prefix,
     weight_files,
 )
-from .transformer import BFL_PREFIXES, Flux, FluxConfig, _is_diffusers, _resolve, _saved_config, from_diffusers
+from .transformer import BFL_PREFIXES, Flux, FluxConfig, from_diffusers, read_config
 
 WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
 # The largest code of each format: 127 rather than 128 keeps int8 symmetric (-127..127), and 448 is e4m3fn's
@@ -366,21 +364,15 @@ def _diffusers_unit(key: str) -> str:
     return ""  # embedders, norm_out, proj_out: small, converted together
 
 
-def _float_units(path: Path, axes_dim: tuple[int, ...] | None) -> tuple[FluxConfig, str, Iterator]:
+def _float_units(path: str | os.PathLike, axes_dim: tuple[int, ...] | None) -> tuple[FluxConfig, str, Iterator]:
     """The config of a float checkpoint and a generator of (unit, {our name: tensor}) for one unit at a time.
 
-    The config is found as load_transformer finds it. The tensors are memory-mapped; the diffusers layout's
+    The config comes from transformer.read_config. The tensors are memory-mapped; the diffusers layout's
     q/k/v (and the single blocks' MLP input) are concatenated one block at a time, so at most one block of
     float weights is ever materialised.
     """
-    shapes = read_keys_and_shapes(path)
-    if _is_diffusers(shapes):
-        config_file = (path if path.is_dir() else path.parent) / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"diffusers-layout weights {path} need their config.json beside them")
-        cfg = FluxConfig.from_diffusers(read_json(config_file))
-        if axes_dim is not None:
-            cfg.axes_dim = tuple(axes_dim)
+    path, cfg, diffusers_layout = read_config(path, axes_dim)
+    if diffusers_layout:
         what = f"diffusers transformer {path}"
 
         def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
@@ -393,9 +385,6 @@ def _float_units(path: Path, axes_dim: tuple[int, ...] | None) -> tuple[FluxConf
             for unit, keys in _group(list(converted), _unit).items():
                 yield unit, {k: converted.pop(k) for k in keys}
     else:
-        if axes_dim is None:
-            axes_dim = _saved_config(path).get("axes_dim")
-        cfg = FluxConfig.from_shapes(strip_prefix(shapes, BFL_PREFIXES), axes_dim)
         what = f"BFL transformer {path}"
 
         def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
@@ -419,7 +408,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, weights: str =
     _check_format(weights, None)
     dtype = parse_dtype(dtype)
     skip = _check_skip(skip)
-    cfg, what, units = _float_units(_resolve(src), axes_dim)
+    cfg, what, units = _float_units(src, axes_dim)
     with torch.device("meta"):
         model = Flux(cfg)
     children = {name for name, _ in model.named_children()} - {"double_blocks", "single_blocks"}

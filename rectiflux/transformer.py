@@ -422,15 +422,13 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
-                     axes_dim: tuple[int, ...] | None = None, device: torch.device | str | None = None) -> Flux:
-    """Load a FLUX.1 transformer from a diffusers folder or a BFL single .safetensors file.
+def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None) -> tuple[Path, FluxConfig, bool]:
+    """(weights path, config, whether the diffusers layout) of a transformer checkpoint, reading no weight.
 
-    The model is built on the meta device and the memory-mapped tensors are assigned to it, so the
-    weights are never held twice. The config comes from config.json when there is one, else from the shapes.
+    The config comes from config.json for the diffusers layout, else from the tensor shapes (and the config
+    our own BFL-layout saves keep in their metadata).
     """
     path = _resolve(path)
-    dtype = parse_dtype(dtype)
     shapes = read_keys_and_shapes(path)
     if _is_diffusers(shapes):
         config_file = (path if path.is_dir() else path.parent) / "config.json"
@@ -439,17 +437,29 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
         cfg = FluxConfig.from_diffusers(read_json(config_file))
         if axes_dim is not None:
             cfg.axes_dim = tuple(axes_dim)
+        return path, cfg, True
+    if axes_dim is None:
+        axes_dim = _saved_config(path).get("axes_dim")
+    return path, FluxConfig.from_shapes(strip_prefix(shapes, BFL_PREFIXES), axes_dim), False
+
+
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
+                     axes_dim: tuple[int, ...] | None = None, device: torch.device | str | None = None) -> Flux:
+    """Load a FLUX.1 transformer from a diffusers folder or a BFL single .safetensors file.
+
+    The model is built on the meta device and the memory-mapped tensors are assigned to it, so the
+    weights are never held twice.
+    """
+    path, cfg, diffusers_layout = read_config(path, axes_dim)
+    if diffusers_layout:
         state = from_diffusers(read_state_dict(path), cfg)
         what = f"diffusers transformer {path}"
     else:
-        if axes_dim is None:
-            axes_dim = _saved_config(path).get("axes_dim")
-        cfg = FluxConfig.from_shapes(strip_prefix(shapes, BFL_PREFIXES), axes_dim)
         state = strip_prefix(read_state_dict(path), BFL_PREFIXES)
         what = f"BFL transformer {path}"
     with torch.device("meta"):
         model = Flux(cfg)
-    model = load_into(model, state, dtype, what).eval()
+    model = load_into(model, state, parse_dtype(dtype), what).eval()
     return model.to(device) if device is not None else model
 
 

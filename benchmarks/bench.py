@@ -1,7 +1,13 @@
 """rectiflux against diffusers on this machine's CPU: load time, transformer step time, image time, peak memory.
 
     python -m benchmarks.bench [--configs shapes,medium,large] [--repeats 3] [--threads N] [--out docs/benchmarks.md]
+                               [--sides rectiflux,rectiflux-int8,rectiflux-stream,diffusers]
     python -m benchmarks.bench --smoke            # tiny model, 1 repeat, table to a temp file (CI)
+
+Sides: `rectiflux` (float32, blocks read at first use), `rectiflux-int8` (int8 weights and activations on the
+blocks' linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels),
+`rectiflux-stream` (float32, each block read from disk before each use and freed after it) and `diffusers`
+(float32). Every ratio is against diffusers; the int8 side's image is also compared with rectiflux's float32 one.
 
 Each config's random weights are written once (diffusers layout); then every repeat runs one fresh subprocess per
 side, alternating which side goes first, with the same thread settings. A child imports only its own library,
@@ -28,7 +34,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("rectiflux", "diffusers")
+SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-stream", "diffusers")
+LOAD_OPTIONS = {"rectiflux": {}, "rectiflux-int8": {"quantize": "int8-dynamic"},
+                "rectiflux-stream": {"blocks": "stream"}}
 PROMPT = "a large red circle on the left on a white background"
 CHILD_TIMEOUT_S = 3 * 3600
 TEXT = {"joint_attention_dim": 4096, "pooled_projection_dim": 768}  # FLUX.1's widths; the text encoders stay tiny
@@ -128,7 +136,8 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     import torch
 
     torch.set_num_threads(threads)
-    if side == "rectiflux":
+    ours = side != "diffusers"
+    if ours:
         from rectiflux.pipeline import load
     else:
         from diffusers import FluxPipeline
@@ -138,8 +147,8 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     import_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    if side == "rectiflux":
-        pipe = load(folder, dtype=torch.float32)
+    if ours:
+        pipe = load(folder, dtype=torch.float32, **LOAD_OPTIONS[side])
     else:
         pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
@@ -156,7 +165,7 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     rows, cols = torch.meshgrid(torch.arange(half), torch.arange(half), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
     txt_ids = torch.zeros(g["l_txt"], 3)
-    if side == "rectiflux":
+    if ours:
         def step():
             return pipe.transformer(img=x, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timestep, y=pooled,
                                     guidance=guidance)
@@ -167,7 +176,9 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
                                     return_dict=False)[0]
     step_s = []
     with torch.no_grad():
-        velocity = step()  # warm-up
+        start = time.perf_counter()
+        velocity = step()  # warm-up; a lazy loader reads the weights here, so this is timed too
+        first_s = time.perf_counter() - start
         for _ in range(cfg["calls"]):
             start = time.perf_counter()
             step()
@@ -185,7 +196,7 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     np.save(out / f"{side}-velocity.npy", velocity.numpy())
     np.save(out / f"{side}-image.npy", np.asarray(pixels))
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return {"import": [import_s], "load": [load_s], "step": step_s, "e2e": [e2e_s],
+    return {"import": [import_s], "load": [load_s], "first": [load_s + first_s], "step": step_s, "e2e": [e2e_s],
             "rss": [int(hwm.split()[1]) / 1024]}
 
 
@@ -253,6 +264,7 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
     from rectiflux.models import model_path
 
     cfg = CONFIGS[name]
+    ours = [s for s in args.sides if s != "diffusers"]
     if cfg.model is None:
 
         try:
@@ -269,23 +281,27 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
     g = geometry(folder, c)
     t, flops = g["transformer"], step_flops(g["transformer"], g["l_img"], g["l_txt"])
     params = sum(math.prod(shape) for shape in read_keys_and_shapes(folder / "transformer").values())
-    results: dict[str, dict[str, list]] = {side: {} for side in SIDES}
+    sides = args.sides
+    results: dict[str, dict[str, list]] = {side: {} for side in sides}
     for r in range(args.repeats):
-        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+        for side in sides if r % 2 == 0 else sides[::-1]:
             print(f"{name}: repeat {r + 1}/{args.repeats}, {side}", flush=True)
             out = run_child(side, {"folder": str(folder), "cfg": c, "threads": args.threads, "out": str(work)},
                             args.threads, work, seen)
             for key, values in out.items():
                 results[side].setdefault(key, []).extend(values)
-    for side in SIDES:
+    for side in sides:
         results[side]["gflops"] = [flops / s / 1e9 for s in results[side]["step"]]
         results[side]["gemm"] = [100 * v / gemm for v in results[side]["gflops"]]
 
     import numpy as np
 
-    diff = {k: float(np.abs(np.load(work / f"rectiflux-{k}.npy") - np.load(work / f"diffusers-{k}.npy")).max())
-            for k in ("velocity", "image")}
-    rows = [("import (s)", "import"), ("load (s)", "load"), ("transformer step (s)", "step"),
+    def load(side: str, kind: str):
+        return np.load(work / f"{side}-{kind}.npy")
+
+    diff = {k: float(np.abs(load("rectiflux", k) - load("diffusers", k)).max()) for k in ("velocity", "image")}
+    rows = [("import (s)", "import"), ("load (s)", "load"), ("load + first step (s)", "first"),
+            ("transformer step (s)", "step"),
             ("transformer GFLOP/s", "gflops"), ("% of GEMM rate", "gemm"),
             (f"end-to-end, {c['steps']} steps (s/image)", "e2e"), ("peak RSS (MiB)", "rss")]
     lines = [f"### {name}", "",
@@ -294,13 +310,22 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
              f"{t['attention_head_dim']}), {params / 1e6:.1f} M transformer parameters; {c['size']}x{c['size']} "
              f"image = {g['l_img']} image + {g['l_txt']} text tokens; {flops / 1e9:.3g} GFLOP per transformer step; "
              f"{args.repeats} repeat(s) x {c['calls']} timed step(s).", "",
-             "| metric | rectiflux | diffusers | rectiflux / diffusers |", "|---|---|---|---|"]
+             "| metric | " + " | ".join(sides) + " | " + " | ".join(f"{s} / diffusers" for s in ours) + " |",
+             "|---" * (len(sides) + len(ours) + 1) + "|"]
     for label, key in rows:
-        r_, d_ = results["rectiflux"][key], results["diffusers"][key]
-        lines.append(f"| {label} | {stats(r_)} | {stats(d_)} | {statistics.median(r_) / statistics.median(d_):.2f} |")
-    lines += ["", f"Same work on both sides: max |difference| of one transformer output {diff['velocity']:.2g}, "
-              f"of the image {diff['image']:.2g} (pixels in [0, 1]).", ""]
-    return lines
+        d_ = statistics.median(results["diffusers"][key])
+        cells = [stats(results[s][key]) for s in sides]
+        cells += [f"{statistics.median(results[s][key]) / d_:.2f}" for s in ours]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Same work: max |difference| between rectiflux and diffusers of one transformer output "
+              f"{diff['velocity']:.2g}, of the image {diff['image']:.2g} (pixels in [0, 1])."]
+    for side in ours[1:]:
+        mse = float(((load(side, "image") - load("rectiflux", "image")) ** 2).mean())
+        rel = float(np.linalg.norm(load(side, "velocity") - load("rectiflux", "velocity"))
+                    / np.linalg.norm(load("rectiflux", "velocity")))
+        lines.append(f"{side} against rectiflux float32: image PSNR {10 * math.log10(1 / max(mse, 1e-20)):.1f} dB, "
+                     f"transformer output relative error {rel:.2g}.")
+    return lines + [""]
 
 
 def machine(threads: int) -> list[str]:
@@ -328,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="markdown file (default docs/benchmarks.md; a temp file with --smoke)")
     p.add_argument("--workdir", type=Path, help="where the random weights go (default: the system temp dir)")
     p.add_argument("--smoke", action="store_true", help="the tiny config, 1 repeat: checks the harness, not speed")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (diffusers and "
+                   "rectiflux are always run)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -337,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [n for n in names if n not in CONFIGS]:
         p.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.sides = [s for s in SIDES if s in set(args.sides.split(",")) | {"rectiflux", "diffusers"}]
     out = args.out or (Path(tempfile.gettempdir()) / "rectiflux-bench-smoke.md" if args.smoke
                        else ROOT / "docs" / "benchmarks.md")
     seen: set[str] = set()
@@ -353,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                  "- float32 GEMM (torch.mm, median): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items()),
                  "", "Every cell: median (min-max) over fresh processes (steps: over all timed calls). Ratios below 1 "
                  "favour rectiflux, except GFLOP/s and % of GEMM (the 2048^3 rate), where above 1 does. A step is one "
-                 "transformer call on identical random inputs, after one warm-up call; end-to-end is one image "
-                 "(text encoders, sampling, VAE decode) after a 1-step warm-up image; peak RSS is the child's VmHWM "
-                 "over import, load, steps and images.", ""]
+                 "transformer call on identical random inputs, after one warm-up call; 'load + first step' adds that "
+                 "warm-up call to the load (a lazy loader, and diffusers' memory map, read the weights there); "
+                 "end-to-end is one image (text encoders, sampling, VAE decode) after a 1-step warm-up image; peak "
+                 "RSS is the child's VmHWM over import, load, steps and images.", ""]
         for name in names:
             try:
                 table = run_config(name, args, gemm["2048^3"], work, seen)

@@ -122,6 +122,67 @@ def _read_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+class TensorSpan:
+    """Where a stored tensor's bytes lie: its file, dtype, shape and absolute byte offset."""
+
+    __slots__ = ("file", "dtype", "shape", "offset")
+
+    def __init__(self, file: Path, dtype: torch.dtype, shape: tuple[int, ...], offset: int):
+        self.file, self.dtype, self.shape, self.offset = file, dtype, shape, offset
+
+    @property
+    def row_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+
+def read_spans(path: str | os.PathLike) -> dict[str, TensorSpan]:
+    """Every tensor's TensorSpan, from the headers alone (validated by safetensors first)."""
+    spans: dict[str, TensorSpan] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu"):
+                pass  # refuses corrupt headers and files shorter than their header says
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {_first_line(e)}") from None
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{file}: tensor {key} has unsupported dtype {info['dtype']}")
+            offset = 8 + size + info["data_offsets"][0]
+            spans[key] = TensorSpan(file, _DTYPES[info["dtype"]], tuple(info["shape"]), offset)
+    return spans
+
+
+def read_rows(parts: list[tuple[TensorSpan, int, int]]) -> torch.Tensor:
+    """One fresh tensor made of row ranges [start, stop) of stored tensors, stacked in order, by plain reads.
+
+    This is how a fused weight (q, k and v of a diffusers checkpoint) is built without first mapping the parts:
+    each part's bytes are read straight into its rows of the result.
+    """
+    first = parts[0][0]
+    rows = sum(stop - start for _, start, stop in parts)
+    out = torch.empty((rows, *first.shape[1:]), dtype=first.dtype)
+    raw = out.reshape(-1).view(torch.uint8).numpy()
+    at = 0
+    for span, start, stop in parts:
+        n = (stop - start) * span.row_bytes
+        fd = os.open(span.file, os.O_RDONLY)
+        try:
+            if n and os.preadv(fd, [memoryview(raw[at: at + n])], span.offset + start * span.row_bytes) != n:
+                raise CheckpointError(f"{span.file} is truncated")
+        finally:
+            os.close(fd)
+        at += n
+    return out
+
+
 def read_keys_and_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes without reading any weight (enough to infer a config)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -153,17 +214,13 @@ def _names(keys: Iterable[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None, what: str) -> nn.Module:
-    """Assign `state` to a model built on the meta device, refusing any mismatch with a message naming the tensors.
-
-    The tensors are moved into the module (not copied) and `state` is emptied as it goes, so the weights
-    live once in memory even while they are cast.
-    """
+def check_fits(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Refuse tensors (by name and shape) that do not fit `model`, with one line naming them."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    missing = expected.keys() - state.keys()
-    unexpected = state.keys() - expected.keys()
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
-             for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k]]
+    missing = expected.keys() - shapes.keys()
+    unexpected = shapes.keys() - expected.keys()
+    wrong = [f"{k} {tuple(shapes[k])} (expected {expected[k]})"
+             for k in expected.keys() & shapes.keys() if tuple(shapes[k]) != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing {_names(missing)}")
@@ -173,6 +230,15 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
         problems.append(f"wrong shape {_names(wrong, 3)}")
     if problems:
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None, what: str) -> nn.Module:
+    """Assign `state` to a model built on the meta device, refusing any mismatch with a message naming the tensors.
+
+    The tensors are moved into the module (not copied) and `state` is emptied as it goes, so the weights
+    live once in memory even while they are cast.
+    """
+    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, what)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     for key in list(state):

@@ -103,6 +103,13 @@ def guidance_type(text: str) -> float:
     return _real(text, "the guidance")
 
 
+def cache_type(text: str) -> float:
+    value = _real(text, "the cache threshold")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the cache threshold must be >= 0, got {value}")
+    return value
+
+
 def true_cfg_type(text: str) -> float:
     value = _real(text, "the true CFG scale")
     if value < 0:
@@ -156,6 +163,13 @@ def _common_options(with_image: bool, with_mask: bool) -> argparse.ArgumentParse
     p.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--quantize", choices=QUANTIZE, help="store the transformer blocks' linear layers in 8 bits "
                                                        "(int8-dynamic: int8 activations too)")
+    p.add_argument("--cache", type=cache_type, metavar="THRESHOLD",
+                   help="step caching: skip the transformer's later blocks on steps whose first-block output "
+                        "changed less than THRESHOLD since the last full step (0.1-0.2 typical; default: off)")
+    p.add_argument("--blocks", choices=("lazy", "memory", "stream"), default="lazy",
+                   help="when the transformer's blocks are read: at first use (lazy, default), all at load "
+                        "(memory), or before every use and freed after it (stream: about one block in memory, "
+                        "for machines that cannot hold the model)")
     p.add_argument("--from-png", metavar="IMAGE.png",
                    help="take the recipe stored in a rectiflux PNG; options given here override its values")
     p.add_argument("-o", "--output", metavar="FILE.png",
@@ -290,6 +304,8 @@ class Request:
     true_cfg: float
     dtype: str | None = None  # None: chosen for the device
     quantize: str | None = None
+    cache: float | None = None
+    blocks: str = "lazy"
     device: str | None = None
     steps: int | None = None  # None here and below: the model's default, filled in once it is loaded
     guidance: float | None = None
@@ -306,7 +322,8 @@ RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
     "mode": str, "prompt": str, "negative_prompt": str, "seed": seed_type, "steps": steps_type,
     "guidance": guidance_type, "width": side_type, "height": side_type, "strength": strength_type,
     "true_cfg": true_cfg_type, "max_sequence_length": sequence_length_type, "dtype": str, "model": str,
-    "model_name": str, "model_hash": str, "image": str, "mask": str, "quantize": str, VERSION_KEY: str,
+    "model_name": str, "model_hash": str, "image": str, "mask": str, "quantize": str, "cache": cache_type,
+    VERSION_KEY: str,
 }
 
 
@@ -367,7 +384,7 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
         raise UsageError(f"seeds {seed}..{seed + num_images - 1} go past the largest seed {SEED_LIMIT - 1}")
     req = Request(mode=mode, prompt=prompt, negative_prompt=negative, seed=seed, num_images=num_images,
                   model=model_argument(pick("model", "shapes")), true_cfg=true_cfg, dtype=pick("dtype"),
-                  quantize=pick("quantize"),
+                  quantize=pick("quantize"), cache=pick("cache"), blocks=args.blocks,
                   device=args.device, steps=pick("steps"), guidance=pick("guidance"), width=pick("width"),
                   height=pick("height"), max_sequence_length=pick("max_sequence_length"))
     if mode != "generate":
@@ -655,7 +672,7 @@ def load_pipeline(req: Request, device: Any) -> Any:
     from .pipeline import load
 
     try:
-        return load(req.model, dtype=req.dtype, device=device, quantize=req.quantize)
+        return load(req.model, dtype=req.dtype, device=device, quantize=req.quantize, blocks=req.blocks)
     except OSError as e:  # a missing or unreadable model file is the user's input too (ValueErrors already are)
         raise UsageError(f"cannot load the model {req.model}: {_one_line(e)}") from None
 
@@ -678,6 +695,8 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
                 device=str(pipe.device), Software=f"{PROG} {__version__}")
     if req.quantize is not None:
         text["quantize"] = req.quantize
+    if req.cache is not None:
+        text["cache"] = repr(float(req.cache))
     text[VERSION_KEY] = __version__
     return text
 
@@ -737,7 +756,8 @@ def run(args: argparse.Namespace) -> int:
             out = pipe(prompt=req.prompt, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg,
                        image=image, mask_image=mask, strength=req.strength, width=req.width, height=req.height,
                        num_inference_steps=req.steps, guidance_scale=req.guidance, seed=seed,
-                       max_sequence_length=req.max_sequence_length, output_type="pil", progress=progress)
+                       max_sequence_length=req.max_sequence_length, output_type="pil", progress=progress,
+                       cache_threshold=req.cache)
             progress.close()
             # each image is saved as soon as it is made: stopping a long batch keeps what is done
             write_png(out.images[0], path, recipe_text(req, seed, pipe, model_hash), args.overwrite)

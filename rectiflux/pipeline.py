@@ -33,7 +33,7 @@ from .sampler import (
     unpack_latents,
 )
 from .text_encoders import TextEncoders
-from .transformer import Flux, load_transformer
+from .transformer import FirstBlockCache, Flux, load_transformer
 
 MAX_SIDE = 8192
 
@@ -42,6 +42,7 @@ MAX_SIDE = 8192
 class PipelineOutput:
     images: list | np.ndarray | Tensor
     seeds: list[int] | None = None
+    cached_steps: int = 0  # steps whose later transformer blocks the step cache skipped
 
 
 @dataclass
@@ -115,7 +116,11 @@ class FluxPipeline:
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        cache_threshold: float | None = None,
     ) -> PipelineOutput:
+        """Generate images; diffusers' FluxPipeline arguments, plus `seed`, `progress(step, total)` and
+        `cache_threshold` (opt-in step caching, see transformer.FirstBlockCache: 0.1 skips the blocks after the
+        first on steps whose first-block output changed by less than 10% in all since the last full step)."""
         d = self.defaults
         if num_inference_steps is None:  # like the reference, explicit sigmas set the step count
             num_inference_steps = len(sigmas) if sigmas is not None else d.steps
@@ -198,14 +203,15 @@ class FluxPipeline:
         if self.transformer.config.guidance_embed:
             guidance = torch.full([batch], guidance_scale, device=self.device, dtype=torch.float32)
         n = len(model_t)
+        caches = [FirstBlockCache(cache_threshold) for _ in range(2)] if cache_threshold is not None else [None] * 2
         for i in range(n):
             # the reference passes (sigma * 1000) / 1000 rather than sigma: the same rounding keeps seeds exact
             t = model_t[i].expand(batch).to(self.device, self.dtype) / 1000
             v = self.transformer(img=x, img_ids=img_ids, txt=embeds, txt_ids=txt_ids, timesteps=t, y=pooled,
-                                 guidance=guidance, pe=pe)
+                                 guidance=guidance, pe=pe, cache=caches[0])
             if do_true_cfg:
                 v_neg = self.transformer(img=x, img_ids=img_ids, txt=neg_embeds, txt_ids=txt_ids, timesteps=t,
-                                         y=neg_pooled, guidance=guidance, pe=pe)
+                                         y=neg_pooled, guidance=guidance, pe=pe, cache=caches[1])
                 v = v_neg + true_cfg_scale * (v - v_neg)
             x = euler_step(x, v, run_sigmas[i], run_sigmas[i + 1])
             if mask is not None:
@@ -219,10 +225,11 @@ class FluxPipeline:
             if progress is not None:
                 progress(i + 1, n)
 
+        cached = caches[0].skipped if caches[0] is not None else 0
         if output_type == "latent":
-            return PipelineOutput(images=x)
+            return PipelineOutput(images=x, cached_steps=cached)
         return PipelineOutput(images=self._decode(x, latent_h, latent_w, width, height, output_type,
-                                                  image, mask_image, crop_box))
+                                                  image, mask_image, crop_box), cached_steps=cached)
 
     # ------------------------------------------------------------------------------------------------------------
     def _check(self, prompt, prompt_embeds, image, mask_image, strength, steps, width, height, output_type,
@@ -344,19 +351,34 @@ def read_defaults(folder: Path | None, transformer: Flux, vae_scale_factor: int)
 
 def load(source: str | os.PathLike = "shapes", dtype: torch.dtype | str | None = torch.float32,
          device: str | torch.device = "cpu", vae: str | os.PathLike | None = None,
-         text_encoders: str | os.PathLike | None = None, quantize: str | None = None) -> FluxPipeline:
+         text_encoders: str | os.PathLike | None = None, quantize: str | None = None,
+         blocks: str = "lazy") -> FluxPipeline:
     """Load a whole pipeline.
 
     `source` is a diffusers-layout folder, a BFL transformer .safetensors file (with `vae=` the BFL ae.safetensors
     and `text_encoders=` a diffusers folder holding the CLIP and T5 subfolders, both found beside the file when
     not given), a Hugging Face repo id in the local cache, or the name of an embedded model ('shapes').
     `quantize` ("int8", "int8-dynamic" for int8 activations too, or "float8") stores the transformer blocks'
-    linear layers in 8 bits with per-channel scales.
+    linear layers in 8 bits with per-channel scales, each block as it is read.
+    `blocks` says when the transformer's blocks are read from disk: "lazy" (at first use: loading takes the
+    time to read the headers), "memory" (now) or "stream" (before every use and freed after it: peak memory
+    is about one block, for machines that cannot hold the model; slower, since every step reads the file).
     """
     dtype = parse_dtype(dtype)
+    prepare = None
+    if quantize is not None:
+        from .quantize import block_quantizer
+
+        modes = {"int8": ("int8", None), "int8-dynamic": ("int8", "int8"), "float8": ("float8", None)}
+        if quantize not in modes:
+            raise ValueError(f"quantize must be one of {', '.join(modes)}, got {quantize!r}")
+        if blocks == "stream":
+            raise ValueError("quantize with blocks='stream' would quantise every block at every step; convert the "
+                             "checkpoint once with rectiflux.quantize.quantize_file and stream that")
+        prepare = block_quantizer(*modes[quantize])
     path = resolve_source(source)
     if path.is_file():  # a BFL single file
-        transformer = load_transformer(path, dtype=dtype)
+        transformer = load_transformer(path, dtype=dtype, blocks=blocks, prepare=prepare)
         vae_path = Path(vae) if vae else path.parent / "ae.safetensors"
         autoencoder = load_autoencoder(vae_path, dtype=dtype)
         encoders_dir = Path(text_encoders) if text_encoders else path.parent
@@ -366,19 +388,12 @@ def load(source: str | os.PathLike = "shapes", dtype: torch.dtype | str | None =
     else:
         if not (path / "transformer").is_dir():
             raise CheckpointError(f"{path} is not a diffusers FLUX folder (no transformer/ subfolder)")
-        transformer = load_transformer(path / "transformer", dtype=dtype)
+        transformer = load_transformer(path / "transformer", dtype=dtype, blocks=blocks, prepare=prepare)
         autoencoder = load_autoencoder(Path(vae) if vae else path / "vae", dtype=dtype)
         encoders_dir = Path(text_encoders) if text_encoders else path
         sched_file = path / "scheduler" / "scheduler_config.json"
         scheduler = SchedulerConfig.from_diffusers(read_json(sched_file)) if sched_file.exists() else SchedulerConfig()
         folder = path
-    if quantize is not None:
-        from .quantize import quantize_transformer
-
-        modes = {"int8": ("int8", None), "int8-dynamic": ("int8", "int8"), "float8": ("float8", None)}
-        if quantize not in modes:
-            raise ValueError(f"quantize must be one of {', '.join(modes)}, got {quantize!r}")
-        transformer = quantize_transformer(transformer, *modes[quantize])
     encoders = TextEncoders.from_folder(encoders_dir, dtype=dtype)
     pipe = FluxPipeline(transformer.to(device), autoencoder.to(device), encoders, scheduler, name=path.name)
     pipe.text_encoders.clip.to(device)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -42,7 +43,17 @@ from .checkpoint import (
     strip_prefix,
     weight_files,
 )
-from .transformer import BFL_PREFIXES, Flux, FluxConfig, from_diffusers, read_config
+from .transformer import (
+    BFL_PREFIXES,
+    BLOCK_MODES,
+    BlockWeights,
+    CheckpointUnits,
+    Flux,
+    FluxConfig,
+    blocks_of,
+    from_diffusers,
+    read_config,
+)
 
 WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
 # The largest code of each format: 127 rather than 128 keeps int8 symmetric (-127..127), and 448 is e4m3fn's
@@ -67,6 +78,7 @@ try:  # a CPU (and MPS) kernel added in torch 2.3; looked up once so the tests c
 except (AttributeError, RuntimeError):
     _INT8PACK_MM = None
 _INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT8PACK_MAX_ROWS = 8
 _INT_MM = getattr(torch, "_int_mm", None)
 
 
@@ -98,12 +110,45 @@ def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype = torch.
     return (weight.float() * scale.float()[:, None]).to(dtype)
 
 
-def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(M, K) -> int8 codes and a float32 (M, 1) scale per row: dynamic, symmetric, per token."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=1, keepdim=True)
+class _Scratch(threading.local):
+    """Per-thread scratch tensors reused from one call to the next.
+
+    A fresh tensor above glibc's mmap threshold (32 MiB at most) is a new mapping whose pages fault on first
+    touch; in a VM that costs several times the arithmetic of a pass over it (measured: 9 ms to multiply a
+    1280 x 7680 float32 tensor into a new tensor, 1.7 ms into an existing one). The int8 path makes three
+    temporaries per linear, so they live here. A scratch tensor never leaves the function that asked for it.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple, Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (slot, dtype, device)
+        numel = 1
+        for n in shape:
+            numel *= n
+        t = self.tensors.get(key)
+        if t is None or t.numel() < numel:
+            t = self.tensors[key] = torch.empty(numel, dtype=dtype, device=device)
+        return t[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def quantize_tokens(x: Tensor, scratch: bool = False) -> tuple[Tensor, Tensor]:
+    """(M, K) -> int8 codes and a float32 (M, 1) scale per row: dynamic, symmetric, per token.
+
+    With `scratch` the codes are written to a per-thread scratch tensor that the next call overwrites.
+    """
+    lo, hi = x.aminmax(dim=1, keepdim=True)  # one read pass; x.abs() would write a whole temporary first
+    amax = torch.maximum(-lo, hi).float()
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return (xf / scale).round().clamp(-127, 127).to(torch.int8), scale
+    if not scratch:
+        return (x.float() / scale).round_().to(torch.int8), scale
+    # |x / scale| <= 127 by construction, so no clamp is needed before the cast
+    codes = torch.div(x, scale, out=_SCRATCH.get("xf", x.shape, torch.float32, x.device)).round_()
+    return _SCRATCH.get("codes", x.shape, torch.int8, x.device).copy_(codes), scale
 
 
 class QuantizedLinear(nn.Module):
@@ -149,7 +194,11 @@ class QuantizedLinear(nn.Module):
             if (self.activations == "int8" and _INT_MM is not None and x.device.type in ("cpu", "cuda")
                     and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0):
                 return "int_mm"
-            if _INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES:
+            # _weight_int8pack_mm's time grows with every row (measured on a Xeon with AMX: 7 ms per row for a
+            # 9216 x 3072 weight, 9 ms for 1 row against 56 ms to dequantise, 118 ms against 65 ms for 16), so it
+            # is only the kernel for a few rows: the modulations' single row, decoding-like calls
+            if (_INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
+                    and m <= INT8PACK_MAX_ROWS):
                 return "int8pack"
         return "dequant"
 
@@ -157,12 +206,19 @@ class QuantizedLinear(nn.Module):
         kernel = self.kernel_for(x)
         x2d = x.reshape(-1, self.in_features)
         if kernel == "int_mm":
-            codes, x_scale = quantize_tokens(x2d)
-            acc = _INT_MM(codes, self.weight.t())
-            # the int32 sum is exact (|acc| <= K * 127^2 stays far below 2^31 for any FLUX width)
-            y = acc.float() * x_scale * self.weight_scale.float()
+            codes, x_scale = quantize_tokens(x2d, scratch=not torch.is_grad_enabled())
+            if torch.is_grad_enabled():
+                acc = _INT_MM(codes, self.weight.t())
+            else:
+                acc = _SCRATCH.get("acc", (codes.shape[0], self.out_features), torch.int32, x.device)
+                _INT_MM(codes, self.weight.t(), out=acc)
+            # the int32 sum is exact (|acc| <= K * 127^2 stays far below 2^31 for any FLUX width); the product
+            # with the float token scales gives float32, rescaled per channel and biased in the same tensor
+            y = acc * x_scale
             if self.bias is not None:
-                y = y + self.bias.float()
+                y = torch.addcmul(self.bias.float(), y, self.weight_scale, out=y)
+            else:
+                y.mul_(self.weight_scale)
             y = y.to(x.dtype)
         elif kernel == "int8pack":
             # the kernel wants the scales in the input's dtype (bf16 scales cost < 0.4% per channel, below the
@@ -282,12 +338,13 @@ def _copy_float_parameters(model: nn.Module, dtype: torch.dtype | None) -> None:
 
 
 def load_quantized(path: str | os.PathLike, activations: str | None = None,
-                   dtype: torch.dtype | str | None = None) -> Flux:
+                   dtype: torch.dtype | str | None = None, blocks: str = "memory") -> Flux:
     """Load a file written by `save_quantized` (or `quantize_file`).
 
     The model is built on the meta device, the modules the file quantises are swapped for QuantizedLinear,
-    and the memory-mapped quantised weights are assigned as they are: no float copy of them is ever made.
-    The float parts (biases, norms, embedders) are copied into memory, cast to `dtype` if one is given.
+    and the quantised weights are assigned as stored: no float copy of them is ever made. The float parts
+    (biases, norms, embedders) get memory of their own, cast to `dtype` if one is given. `blocks` is
+    load_transformer's: "memory", "lazy" or "stream" (one block in memory at a time, read before each use).
     """
     dtype = parse_dtype(dtype)
     files = weight_files(path)
@@ -298,45 +355,76 @@ def load_quantized(path: str | os.PathLike, activations: str | None = None,
         raise CheckpointError(f"{path} is not a quantized transformer (metadata {METADATA_FORMAT}={weights!r}); "
                               "convert a float checkpoint with quantize_file")
     _check_format(weights, activations)
+    if blocks not in BLOCK_MODES:
+        raise ValueError(f"unknown blocks mode {blocks!r}; use one of {', '.join(BLOCK_MODES)}")
     try:
         cfg = FluxConfig(**json.loads(meta[METADATA_CONFIG]))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{what} has no usable {METADATA_CONFIG} metadata: {e}") from None
-    state = read_state_dict(path)
+    units = CheckpointUnits(Path(path), cfg, False, what)
+    dtypes = {k: parts[0][0].dtype for k, parts in units.parts.items()}
     with torch.device("meta"):
         model = Flux(cfg)
 
-    quantized = sorted(k[: -len(SCALE_SUFFIX)] for k in state if k.endswith(SCALE_SUFFIX))
+    quantized = sorted(k[: -len(SCALE_SUFFIX)] for k in dtypes if k.endswith(SCALE_SUFFIX))
     problems, accepted = [], []
     for name in quantized:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            continue  # no such module at all: load_into names its tensors as unexpected
+            continue  # no such module at all: check_fits names its tensors as unexpected
         if not isinstance(module, nn.Linear) or name == "img_in":
             problems.append(f"{name}{SCALE_SUFFIX} (no quantizable linear {name})")
             continue
         accepted.append(name)
         _replace(model, name, QuantizedLinear(module.in_features, module.out_features, module.bias is not None,
                                               weights, activations, device="meta"))
-    # load_into checks names and shapes; the dtypes are checked here, since a float weight beside a scale (or an
-    # int8 one without) would load and then compute garbage
+    # check_fits checks names and shapes; the dtypes are checked here, since a float weight beside a scale (or
+    # an int8 one without) would load and then compute garbage
     expected = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items()}
     exact = {f"{n}.weight" for n in accepted} | {f"{n}{SCALE_SUFFIX}" for n in accepted}
-    for key, tensor in state.items():
+    for key, stored in dtypes.items():
         if key not in expected:
-            continue  # load_into names it as unexpected
+            continue  # check_fits names it as unexpected
         if key in exact:
-            ok, want = tensor.dtype == expected[key], _dtype_name(expected[key])
+            ok, want = stored == expected[key], _dtype_name(expected[key])
         else:
-            ok, want = tensor.is_floating_point() and tensor.dtype not in FLOAT8_DTYPES, "float"
+            ok, want = stored.is_floating_point and stored not in FLOAT8_DTYPES, "float"
         if not ok:
-            problems.append(f"{key} is {_dtype_name(tensor.dtype)} (expected {want})")
+            problems.append(f"{key} is {_dtype_name(stored)} (expected {want})")
     if problems:
         raise CheckpointError(f"{what} does not match the model: {_list(problems)}")
-    load_into(model, state, None, what)
-    _copy_float_parameters(model, dtype)
+    units.check(model)
+    if blocks == "memory":
+        load_into(model, read_state_dict(path), None, what)  # memory-mapped
+        _copy_float_parameters(model, dtype)
+    else:
+        for unit in units.units.keys() - set(blocks_of(cfg)):
+            module = model.get_submodule(unit)
+            load_into(module, units.read(unit), None, what)
+            _copy_float_parameters(module, dtype)
+        model.block_weights = BlockWeights(units, blocks, lambda block: _copy_float_parameters(block, dtype))
     return model.eval()
+
+
+def block_quantizer(weights: str = "int8", activations: str | None = None) -> Callable[[nn.Module], None]:
+    """A `prepare` for load_transformer: quantises each block's linears as soon as the block is read, so a
+    float checkpoint is quantised while it loads (peak: the quantised model plus one float block).
+
+    With int8 activations the blocks' attention runs in bfloat16 where the CPU has bf16 kernels (AVX512-BF16 or
+    AMX; 3x faster than float32 measured with AMX) and on GPUs: the int8 path is lossy already, and attention
+    was the largest float32 cost left in it.
+    """
+    _check_format(weights, activations)
+
+    def prepare(block: nn.Module) -> None:
+        _quantize_linears(block, "", weights, activations, ())
+        if activations == "int8":
+            device = next(block.parameters()).device
+            if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                block.attention_dtype = torch.bfloat16
+
+    return prepare
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,10 +21,14 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from .checkpoint import (
     CheckpointError,
+    TensorSpan,
+    check_fits,
     load_into,
     parse_dtype,
     read_json,
     read_keys_and_shapes,
+    read_rows,
+    read_spans,
     read_state_dict,
     save_state_dict,
     strip_prefix,
@@ -142,15 +147,86 @@ def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Te
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each (even, odd) channel pair of x (B, H, L, D) by its angle; in float32, back to x's dtype."""
+    """Rotate each (even, odd) channel pair of x by its angle, given `rope`'s tables; in float32, back to x's dtype."""
     xf = x.float()
     x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
     rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def rope_rotations(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
+    """The same angles as `rope`, as unit complex numbers: (..., L, head_dim / 2) complex64, one per channel pair.
+
+    Rotating a pair is then one complex multiplication: a single pass over q or k instead of five.
+    """
+    cos, sin = rope(ids, axes_dim, theta)
+    return torch.complex(cos[..., 0::2], sin[..., 0::2])
+
+
+def rotate(x: Tensor, rotations: Tensor, out: Tensor | None = None) -> Tensor:
+    """`apply_rope` for x (..., D) and `rope_rotations` broadcastable to (..., D/2): (a + ib) e^{i angle}.
+
+    Computed in float32 like the references; with `out` (x's shape, any float dtype) the result is written there,
+    which lets two streams rotate straight into the halves of one joint tensor.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    if out is not None and out.dtype == torch.float32:
+        torch.mul(pairs, rotations, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out
+    rotated = torch.view_as_real(pairs * rotations).flatten(-2)
+    return rotated.to(x.dtype) if out is None else out.copy_(rotated)
+
+
+def rotate_joint(streams: list[Tensor], rotations: Tensor) -> Tensor:
+    """Rotate each stream's (B, L_s, H, D) q or k by its rows of `rotations` and join them along L.
+
+    At inference each stream is rotated straight into its rows of the joint tensor (no concatenation pass);
+    `out=` has no autograd, so while gradients are recorded the rotated streams are concatenated instead.
+    """
+    offsets = [0]
+    for x in streams:
+        offsets.append(offsets[-1] + x.shape[1])
+    rows = [slice(a, b) for a, b in zip(offsets, offsets[1:], strict=False)]
+    if torch.is_grad_enabled():
+        return torch.cat([rotate(x, rotations[..., r, :, :]) for x, r in zip(streams, rows, strict=True)], dim=1)
+    first = streams[0]
+    joint = first.new_empty(first.shape[0], offsets[-1], *first.shape[2:])
+    for x, r in zip(streams, rows, strict=True):
+        rotate(x, rotations[..., r, :, :], out=joint[:, r])
+    return joint
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """tanh GELU, in place at inference: a fresh activation buffer costs a page fault per 4 KiB page on first touch."""
+    if torch.is_grad_enabled():
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+def mlp(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """A double block's (Linear, GELU, Linear) with the GELU of `gelu`."""
+    return layers[2](gelu(layers[0](x)))
+
+
+def linear_of_concat(linear: nn.Module, parts: list[Tensor]) -> Tensor:
+    """`linear(torch.cat(parts, -1))`; for a plain nn.Linear at inference, without building the concatenation.
+
+    Each part multiplies its own column block of the weight and the products are summed in place, which saves
+    writing and re-reading the (tokens x 7 hidden) input of a single block's output linear.
+    """
+    if type(linear) is not nn.Linear or torch.is_grad_enabled() or torch.is_autocast_enabled():
+        return linear(torch.cat(parts, dim=-1))
+    y, start = None, 0
+    for part in parts:
+        x2d = part.reshape(-1, part.shape[-1])
+        weight = linear.weight[:, start: start + part.shape[-1]]
+        start += part.shape[-1]
+        y = F.linear(x2d, weight, linear.bias) if y is None else y.addmm_(x2d, weight.t())
+    return y.view(*parts[0].shape[:-1], -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,8 +248,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+        # one fused kernel (float32 inside); under autocast x may be bf16 while the scale is float32
+        return F.rms_norm(x, self.scale.shape, self.scale.to(x.dtype), eps=1e-6)
 
 
 class QKNorm(nn.Module):
@@ -203,17 +279,22 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
 
-def split_heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, L, 3*hidden) -> q, k, v as (B, H, L, D), with q and k RMS-normalised."""
-    B, L, _ = qkv.shape
-    q, k, v = qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    return norm.query_norm(q), norm.key_norm(k), v
+def attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Joint attention over (B, L, H, D) tensors (any strides), returned as (B, L, H*D) in q's dtype.
+
+    SDPA takes the head-major views without copying and writes its output token-major, so no layout copy is made.
+    `dtype` computes it in another precision (bfloat16 for the int8 mode: 3x faster with AMX, 0.4% error).
+    """
+    out_dtype = q.dtype
+    if dtype is not None and dtype != q.dtype:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return x.transpose(1, 2).flatten(2).to(out_dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    q, k = apply_rope(q, *pe), apply_rope(k, *pe)
-    x = F.scaled_dot_product_attention(q, k, v)
-    return x.transpose(1, 2).flatten(2)
+def _split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L, 3*hidden) -> views q, k, v, each (B, L, H, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).unbind(dim=2)
 
 
 class DoubleBlock(nn.Module):
@@ -221,23 +302,28 @@ class DoubleBlock(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.num_heads = cfg.num_heads
+        self.attention_dtype: torch.dtype | None = None  # see Flux.set_attention_dtype
         for stream in ("img", "txt"):
             self.add_module(f"{stream}_mod", Modulation(h, 6))
             self.add_module(f"{stream}_attn", SelfAttention(h, cfg.head_dim))
             self.add_module(f"{stream}_mlp", nn.Sequential(
                 nn.Linear(h, cfg.mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_hidden, h)))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
-        img_qkv = split_heads(self.img_attn.qkv(modulate(img, *img_mod[:2])), self.num_heads, self.img_attn.norm)
-        txt_qkv = split_heads(self.txt_attn.qkv(modulate(txt, *txt_mod[:2])), self.num_heads, self.txt_attn.norm)
-        attn = attention(*(torch.cat([t, i], dim=2) for t, i in zip(txt_qkv, img_qkv, strict=True)), pe)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        n_txt = txt.shape[1]
+        streams = [(self.txt_attn, txt, txt_mod), (self.img_attn, img, img_mod)]  # joint sequence is [txt; img]
+        qkv = [_split_qkv(attn.qkv(modulate(x, *mod[:2])), self.num_heads) for attn, x, mod in streams]
+        norms = [attn.norm for attn, _, _ in streams]
+        q = rotate_joint([n.query_norm(q) for n, (q, _, _) in zip(norms, qkv, strict=True)], rotations)
+        k = rotate_joint([n.key_norm(k) for n, (_, k, _) in zip(norms, qkv, strict=True)], rotations)
+        out = attention(q, k, torch.cat([qkv[0][2], qkv[1][2]], dim=1), self.attention_dtype)
+        txt_attn, img_attn = out[:, :n_txt], out[:, n_txt:]
 
-        img = img + img_mod[2] * self.img_attn.proj(img_attn)
-        img = img + img_mod[5] * self.img_mlp(modulate(img, img_mod[3], img_mod[4]))
-        txt = txt + txt_mod[2] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod[5] * self.txt_mlp(modulate(txt, txt_mod[3], txt_mod[4]))
+        img = torch.addcmul(img, img_mod[2], self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_mod[5], mlp(self.img_mlp, modulate(img, img_mod[3], img_mod[4])))
+        txt = torch.addcmul(txt, txt_mod[2], self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_mod[5], mlp(self.txt_mlp, modulate(txt, txt_mod[3], txt_mod[4])))
         if txt.dtype == torch.float16:  # the reference's guard against fp16 overflow in the text stream
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -250,16 +336,19 @@ class SingleBlock(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.num_heads, self.hidden, self.mlp_hidden = cfg.num_heads, h, cfg.mlp_hidden
+        self.attention_dtype: torch.dtype | None = None
         self.modulation = Modulation(h, 3)
         self.linear1 = nn.Linear(h, 3 * h + cfg.mlp_hidden)
         self.linear2 = nn.Linear(h + cfg.mlp_hidden, h)
         self.norm = QKNorm(cfg.head_dim)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, rotations: Tensor) -> Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * self.hidden, self.mlp_hidden], dim=-1)
-        attn = attention(*split_heads(qkv, self.num_heads, self.norm), pe)
-        x = x + gate * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        qkv, hidden = self.linear1(modulate(x, shift, scale)).split([3 * self.hidden, self.mlp_hidden], dim=-1)
+        q, k, v = _split_qkv(qkv, self.num_heads)
+        q, k = rotate(self.norm.query_norm(q), rotations), rotate(self.norm.key_norm(k), rotations)
+        y = linear_of_concat(self.linear2, [attention(q, k, v, self.attention_dtype), gelu(hidden)])
+        x = torch.addcmul(x, gate, y)
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -276,6 +365,44 @@ class LastLayer(nn.Module):
         return self.linear(modulate(x, shift, scale))
 
 
+class FirstBlockCache:
+    """Opt-in step cache (first-block caching): skip the transformer's blocks after the first on steps where the
+    first double block's image residual has barely changed, adding instead what those blocks added at the last
+    step that ran them all.
+
+    The change is the mean absolute difference of the first block's residual from the previous step's, relative
+    to the previous one's mean magnitude; it accumulates over skipped steps, so a run of small changes still
+    triggers a full step once their sum reaches `threshold` (TeaCache's rule). 0 never skips; FLUX users run
+    0.05-0.25 (docs/benchmarks.md measures speed and PSNR). Use one cache per sequence of steps: a true-CFG
+    sampler keeps one for the conditional and one for the negative prompt.
+    """
+
+    def __init__(self, threshold: float):
+        if not threshold >= 0:
+            raise ValueError(f"cache threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+        self.previous: Tensor | None = None  # the first block's residual at the previous step
+        self.rest: Tensor | None = None  # what the other blocks added at the last fully computed step
+        self.accumulated = 0.0
+        self.skipped = self.computed = 0
+
+    def lookup(self, first_residual: Tensor) -> Tensor | None:
+        """The residual to reuse for this step, or None when the step must run every block."""
+        previous, self.previous = self.previous, first_residual
+        if previous is None or self.rest is None or previous.shape != first_residual.shape:
+            return None
+        change = ((first_residual - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12)).item()
+        self.accumulated += change
+        if self.accumulated >= self.threshold:
+            return None
+        self.skipped += 1
+        return self.rest
+
+    def store(self, rest_residual: Tensor) -> None:
+        self.rest, self.accumulated = rest_residual, 0.0
+        self.computed += 1
+
+
 class Flux(nn.Module):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
@@ -290,10 +417,17 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(SingleBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = LastLayer(h, cfg.out_channels)
         self.gradient_checkpointing = False
+        self.block_weights: BlockWeights | None = None  # blocks read on demand (load_transformer(blocks=...))
 
     @property
     def dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
+
+    def set_attention_dtype(self, dtype: torch.dtype | None) -> Flux:
+        """Compute the blocks' attention in `dtype` (None: the activations' own dtype)."""
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.attention_dtype = dtype
+        return self
 
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
         # like the references, t is rounded to the model dtype before it is scaled by 1000
@@ -304,30 +438,77 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(self.dtype) * 1000).to(self.dtype))
         return vec + self.vector_in(y.to(self.dtype))
 
-    def position_embedding(self, txt_ids: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """RoPE tables for [txt; img]; a sampler computes them once per generation and passes them as `pe`."""
-        cos, sin = rope(torch.cat([txt_ids, img_ids], dim=-2), self.config.axes_dim, self.config.theta)
-        return (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)  # batched ids: broadcast over heads
+    def position_embedding(self, txt_ids: Tensor, img_ids: Tensor) -> Tensor:
+        """RoPE rotations for [txt; img], (L, 1, D/2) or (B, L, 1, D/2) to broadcast over the heads of (B, L, H, D)
+        tensors; a sampler computes them once per generation and passes them as `pe`."""
+        rotations = rope_rotations(torch.cat([txt_ids, img_ids], dim=-2), self.config.axes_dim, self.config.theta)
+        return rotations.unsqueeze(-2)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None, pe: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Velocity for packed latents `img` (B, L_img, in_channels) given T5 tokens `txt` and pooled CLIP `y`."""
+                y: Tensor, guidance: Tensor | None = None, pe: Tensor | None = None,
+                cache: FirstBlockCache | None = None) -> Tensor:
+        """Velocity for packed latents `img` (B, L_img, in_channels) given T5 tokens `txt` and pooled CLIP `y`.
+
+        With a `cache` (one per sequence of denoising steps), the blocks after the first are skipped on steps where
+        the first block's output barely changed, and their effect at the last computed step is reused.
+        """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
         img, txt = self.img_in(img.to(self.dtype)), self.txt_in(txt.to(self.dtype))
         vec = self.conditioning(timesteps, y, guidance)
         pe = self.position_embedding(txt_ids, img_ids) if pe is None else pe
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe)
+        after_first = None
+        for i, block in enumerate(self.double_blocks):
+            before = img
+            img, txt = self._run(f"double_blocks.{i}", block, img, txt, vec, pe)
+            if i == 0 and cache is not None:
+                reused = cache.lookup(img - before)
+                if reused is not None:
+                    return self.final_layer(img + reused, vec)
+                after_first = img
         x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1]:], vec)
+        for i, block in enumerate(self.single_blocks):
+            x = self._run(f"single_blocks.{i}", block, x, vec, pe)
+        img = x[:, txt.shape[1]:]
+        if after_first is not None:
+            cache.store(img - after_first)
+        return self.final_layer(img, vec)
 
-    def _run(self, block: nn.Module, *args):
+    def _run(self, name: str, block: nn.Module, *args):
+        if self.block_weights is not None:
+            self.block_weights.before(name, block, self.img_in.weight.device)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return grad_checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            out = grad_checkpoint(block, *args, use_reentrant=False)
+        else:
+            out = block(*args)
+        if self.block_weights is not None:
+            self.block_weights.after(name, block)
+        return out
+
+    def to(self, *args, **kwargs) -> Flux:
+        if self.block_weights is None:
+            return super().to(*args, **kwargs)
+        # blocks still on disk (on the meta device) stay there: they are read onto img_in's device when they run
+        for name, module in self.named_children():
+            if name in ("double_blocks", "single_blocks"):
+                for i, block in enumerate(module):
+                    if f"{name}.{i}" in self.block_weights.loaded:
+                        block.to(*args, **kwargs)
+            else:
+                module.to(*args, **kwargs)
+        return self
+
+    def materialize(self) -> Flux:
+        """Read every block that is still on disk (a lazily loaded model) and stop reading on demand."""
+        if self.block_weights is not None:
+            if self.block_weights.mode == "stream":
+                raise ValueError("a streamed transformer keeps its blocks on disk; load it with blocks='memory'")
+            device = self.img_in.weight.device
+            for kind in ("double_blocks", "single_blocks"):
+                for i, block in enumerate(getattr(self, kind)):
+                    self.block_weights.before(f"{kind}.{i}", block, device)
+            self.block_weights = None
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,23 +624,144 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
     return path, FluxConfig.from_shapes(strip_prefix(shapes, BFL_PREFIXES), axes_dim), False
 
 
+def unit_of(key: str) -> str:
+    """The piece of the model a tensor belongs to: `double_blocks.3`, `single_blocks.0`, `img_in`, ..."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("double_blocks", "single_blocks") and len(parts) > 2 else parts[0]
+
+
+def blocks_of(cfg: FluxConfig) -> list[str]:
+    """The names of the double and single blocks, in the order they run."""
+    return [f"double_blocks.{i}" for i in range(cfg.depth)] + [f"single_blocks.{i}" for i in range(cfg.depth_single)]
+
+
+class CheckpointUnits:
+    """The tensors of a transformer checkpoint, by our names, read one unit (a block, an embedder) at a time.
+
+    Only the headers are read up front. `read(unit)` builds each tensor by plain reads into fresh memory: a
+    diffusers q/k/v triple is read straight into the rows of the fused weight, so nothing is mapped or copied
+    twice. `check(model)` compares names and shapes with the model before any weight is read.
+    """
+
+    def __init__(self, path: Path, cfg: FluxConfig, diffusers_layout: bool, what: str):
+        self.path, self.what = path, what
+        spans = read_spans(path)
+        self.parts: dict[str, list[tuple[TensorSpan, int, int]]] = {}
+        self.stored: dict[str, str] = {}  # our name -> stored name, for tensors used exactly as stored
+        if diffusers_layout:
+            for ours, theirs in _diffusers_parts(cfg).items():
+                for our_suffix, their_suffix in _suffixes(ours):
+                    keys = [f"{t}.{their_suffix}" for t in theirs]
+                    if not all(k in spans for k in keys):
+                        continue  # check() names what is missing
+                    parts = [(span, 0, span.shape[0]) for span in (spans.pop(k) for k in keys)]
+                    if ours == "final_layer.adaLN_modulation.1":  # stored (scale, shift), ours (shift, scale)
+                        span, _, rows = parts[0]
+                        parts = [(span, rows // 2, rows), (span, 0, rows // 2)]
+                    elif len(keys) == 1:
+                        self.stored[f"{ours}.{our_suffix}"] = keys[0]
+                    self.parts[f"{ours}.{our_suffix}"] = parts
+            renamed = spans  # whatever is left is unexpected: check() names it by its diffusers name
+        else:
+            prefix = next((p for p in BFL_PREFIXES if spans and all(k.startswith(p) for k in spans)), "")
+            renamed = {k[len(prefix):]: v for k, v in spans.items()}
+            self.stored.update({k[len(prefix):]: k for k in spans})
+        self.parts.update({k: [(v, 0, v.shape[0] if v.shape else 1)] for k, v in renamed.items()})
+        self.units: dict[str, list[str]] = {}
+        for key in self.parts:
+            self.units.setdefault(unit_of(key), []).append(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        first = self.parts[key][0][0]
+        if len(self.parts[key]) == 1:
+            return first.shape
+        return (sum(stop - start for _, start, stop in self.parts[key]), *first.shape[1:])
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, naming the tensors, a checkpoint whose names or shapes do not fit `model`."""
+        check_fits(model, {k: self.shape(k) for k in self.parts}, self.what)
+
+    def read(self, unit: str) -> dict[str, Tensor]:
+        """The tensors of one unit, named relative to it (`img_attn.qkv.weight` for `double_blocks.3`)."""
+        strip = len(unit) + 1
+        return {k[strip:]: read_rows(self.parts[k]).view(self.shape(k)) for k in self.units.get(unit, [])}
+
+
+class BlockWeights:
+    """Reads a transformer's blocks from disk when they are first needed ("lazy") or each time ("stream").
+
+    "lazy" loads in the time it takes to read the headers and then holds each block from its first use on,
+    as a memory-mapped file would; "stream" frees each block after it ran, so peak memory is about one block
+    plus the activations and the small float parts, for machines that cannot hold the model.
+    `prepare(block)` runs on each block right after it was read (casting, quantisation, attention dtype).
+    """
+
+    def __init__(self, units: CheckpointUnits, mode: str, prepare: Callable[[nn.Module], None] | None = None):
+        if mode not in ("lazy", "stream"):
+            raise ValueError(f"unknown blocks mode {mode!r}; use 'memory', 'lazy' or 'stream'")
+        self.units, self.mode, self.prepare = units, mode, prepare
+        self.loaded: set[str] = set()
+
+    def before(self, name: str, block: nn.Module, device: torch.device) -> None:
+        if name in self.loaded:
+            return
+        state = {k: v.to(device) for k, v in self.units.read(name).items()}
+        load_into(block, state, None, f"{self.units.what} ({name})")
+        if self.prepare is not None:
+            self.prepare(block)
+        self.loaded.add(name)
+
+    def after(self, name: str, block: nn.Module) -> None:
+        if self.mode == "stream":
+            block.to_empty(device="meta")  # drops the weights; the next call reads them again
+            self.loaded.discard(name)
+
+
+BLOCK_MODES = ("memory", "lazy", "stream")
+
+
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
-                     axes_dim: tuple[int, ...] | None = None, device: torch.device | str | None = None) -> Flux:
+                     axes_dim: tuple[int, ...] | None = None, device: torch.device | str | None = None,
+                     blocks: str = "memory", prepare: Callable[[nn.Module], None] | None = None) -> Flux:
     """Load a FLUX.1 transformer from a diffusers folder or a BFL single .safetensors file.
 
-    The model is built on the meta device and the memory-mapped tensors are assigned to it, so the
-    weights are never held twice.
+    The model is built on the meta device and the stored tensors are assigned to it, so the weights are never
+    held twice. `blocks` says when the double and single blocks are read: "memory" (now: tensors used as stored
+    are memory-mapped, a diffusers folder's q/k/v are read straight into their fused tensors), "lazy" (at first
+    use) or "stream" (before every use, freed after it). `prepare(block)` runs on each block once it is in
+    memory, in every mode (quantisation uses it). The embedders and the final layer are always read at once.
     """
+    if blocks not in BLOCK_MODES:
+        raise ValueError(f"unknown blocks mode {blocks!r}; use one of {', '.join(BLOCK_MODES)}")
     path, cfg, diffusers_layout = read_config(path, axes_dim)
-    if diffusers_layout:
-        state = from_diffusers(read_state_dict(path), cfg)
-        what = f"diffusers transformer {path}"
-    else:
-        state = strip_prefix(read_state_dict(path), BFL_PREFIXES)
-        what = f"BFL transformer {path}"
+    what = f"{'diffusers' if diffusers_layout else 'BFL'} transformer {path}"
+    dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Flux(cfg)
-    model = load_into(model, state, parse_dtype(dtype), what).eval()
+    units = CheckpointUnits(path, cfg, diffusers_layout, what)
+    units.check(model)
+    block_names = blocks_of(cfg)
+    if blocks == "memory":
+        mapped = read_state_dict(path)  # memory-mapped: nothing is read until used
+        state = {k: mapped.pop(units.stored[k]) if k in units.stored else read_rows(units.parts[k]).view(units.shape(k))
+                 for k in units.parts}
+        del mapped
+        load_into(model, state, dtype, what)
+        if prepare is not None:
+            for name in block_names:
+                prepare(model.get_submodule(name))
+    else:
+        for unit in units.units.keys() - set(block_names):
+            load_into(model.get_submodule(unit), units.read(unit), dtype, what)
+
+        def cast_and_prepare(block: nn.Module) -> None:
+            if dtype is not None:
+                block.to(dtype)
+            if prepare is not None:
+                prepare(block)
+
+        model.block_weights = BlockWeights(units, blocks, cast_and_prepare)
+    model = model.eval()
     return model.to(device) if device is not None else model
 
 

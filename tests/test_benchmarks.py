@@ -21,8 +21,9 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder of the repos
 
 from benchmarks.bench import step_flops  # noqa: E402
 
-METRICS = ("import (s)", "load (s)", "transformer step (s)", "transformer GFLOP/s", "% of GEMM rate",
-           "end-to-end, 2 steps (s/image)", "peak RSS (MiB)")
+METRICS = ("import (s)", "load (s)", "load + first step (s)", "transformer step (s)", "transformer GFLOP/s",
+           "% of GEMM rate", "end-to-end, 2 steps (s/image)", "peak RSS (MiB)")
+SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-stream", "diffusers")
 
 
 def test_smoke_run_writes_the_table(tmp_path):
@@ -33,13 +34,16 @@ def test_smoke_run_writes_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     assert "--smoke --threads 1" in text and "float32 GEMM" in text and "CPU:" in text
-    assert "| metric | rectiflux | diffusers | rectiflux / diffusers |" in text
+    ratios = [f"{side} / diffusers" for side in SIDES[:3]]
+    assert "| metric | " + " | ".join(SIDES + tuple(ratios)) + " |" in text
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     for metric in METRICS:
         cells = [c.strip() for c in rows[metric].strip("|").split("|")]
-        assert len(cells) == 4 and all(cells), rows[metric]  # both sides and the ratio are filled in
-        float(cells[3])
-    assert "max |difference| of one transformer output" in text
+        assert len(cells) == 8 and all(cells), rows[metric]  # every side and every ratio is filled in
+        [float(c) for c in cells[5:]]
+    assert "max |difference| between rectiflux and diffusers of one transformer output" in text
+    for side in SIDES[1:3]:
+        assert f"{side} against rectiflux float32: image PSNR" in text
     assert list(tmp_path.iterdir()) == [out]  # the random weights were cleaned up
 
 
@@ -49,7 +53,9 @@ def test_step_flops_match_the_counted_matmuls():
     model = Flux(FluxConfig(in_channels=64, num_heads=4, head_dim=16, depth=2, depth_single=3, joint_attention_dim=48,
                             pooled_projection_dim=40, axes_dim=(4, 6, 6))).eval()
     l_img, l_txt = 64, 16
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # with autograd on, so the single blocks' output linear runs as one matmul (at inference it is split in two
+    # in-place products, which the counter does not see)
+    with FlopCounterMode(display=False) as counter:
         model(img=torch.randn(1, l_img, 64), img_ids=torch.zeros(l_img, 3), txt=torch.randn(1, l_txt, 48),
               txt_ids=torch.zeros(l_txt, 3), timesteps=torch.tensor([0.5]), y=torch.randn(1, 40),
               guidance=torch.tensor([3.5]))

@@ -133,6 +133,19 @@ def test_from_png_overrides_and_numbered_outputs(first, env, tmp_path):
     assert not np.array_equal(pixels(tmp_path / "many-1.png"), pixels(tmp_path / "many-2.png"))
 
 
+def test_step_cache_is_recorded_and_streaming_gives_the_same_image(first, env, tmp_path):
+    path, _ = first
+    proc = run_cli(["generate", "--from-png", path, "--steps", "6", "--cache", "0.5", "-o", "cached.png"],
+                   tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert text_of(tmp_path / "cached.png")["cache"] == "0.5"
+    proc = run_cli(["generate", "--from-png", tmp_path / "cached.png", "--blocks", "stream", "-o", "again.png"],
+                   tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert text_of(tmp_path / "again.png")["cache"] == "0.5" and "blocks" not in text_of(tmp_path / "again.png")
+    np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "cached.png"))
+
+
 def test_img2img_keeps_input_size(model, env, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (28, 36, 3), dtype=np.uint8)).save(tmp_path / "in.png")
@@ -240,6 +253,8 @@ BAD_INPUTS = [
     (["generate", "x", "--guidance", "nan"], "finite"),
     (["generate", "x", "--max-sequence-length", "600"], "at most 512"),
     (["generate", "x", "--dtype", "float64"], "argument --dtype"),
+    (["generate", "x", "--cache", "-0.5"], "argument --cache"),
+    (["generate", "x", "--blocks", "later"], "argument --blocks"),
     (["generate", "x", "-o", "out.jpg"], "must end in .png"),
     (["generate", "--from-png", "missing.png"], "no PNG file"),
     (["generate", "--from-png", f"{IN}/plain.png"], "no rectiflux recipe"),

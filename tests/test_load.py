@@ -85,9 +85,14 @@ def test_dtype_argument(folder):
 def test_quantized_pipeline_stays_close_to_float32(folder):
     reference = image(load(folder))
     for mode, min_psnr in (("int8", 35), ("int8-dynamic", 30), ("float8", 30)):
-        pipe = load(folder, quantize=mode)
-        assert any(type(m).__name__ == "QuantizedLinear" for m in pipe.transformer.modules())
-        mse = float(((image(pipe) - reference) ** 2).mean())
-        assert 10 * np.log10(1 / max(mse, 1e-12)) >= min_psnr, mode
+        for blocks in ("lazy", "memory"):  # quantised as each block is read: at first use, or at load
+            pipe = load(folder, quantize=mode, blocks=blocks)
+            pixels = image(pipe)
+            assert all(type(m).__name__ == "QuantizedLinear" for m in pipe.transformer.double_blocks[0].modules()
+                       if isinstance(m, torch.nn.Linear) or type(m).__name__ == "QuantizedLinear")
+            mse = float(((pixels - reference) ** 2).mean())
+            assert 10 * np.log10(1 / max(mse, 1e-12)) >= min_psnr, mode
     with pytest.raises(ValueError, match="quantize must be one of"):
         load(folder, quantize="int4")
+    with pytest.raises(ValueError, match="quantize_file"):
+        load(folder, quantize="int8", blocks="stream")

@@ -1,0 +1,39 @@
+"""Pipelines with the block modes, the step cache and quantisation at load (the embedded model and a tiny one)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rectiflux.pipeline import load
+
+
+def render(pipe, **kwargs):
+    return pipe("a small blue square at the top on a black background", seed=3, output_type="np", **kwargs)
+
+
+def test_block_modes_give_the_same_image():
+    images = {blocks: render(load("shapes", blocks=blocks)).images for blocks in ("lazy", "memory", "stream")}
+    assert np.array_equal(images["lazy"], images["memory"]) and np.array_equal(images["lazy"], images["stream"])
+
+
+def test_step_cache_is_opt_in_and_skips_steps():
+    pipe = load("shapes")
+    plain = render(pipe, num_inference_steps=12)
+    assert plain.cached_steps == 0
+    assert np.array_equal(render(pipe, num_inference_steps=12, cache_threshold=0.0).images, plain.images)
+    cached = render(pipe, num_inference_steps=12, cache_threshold=0.3)
+    assert 0 < cached.cached_steps < 12
+    mse = float(((cached.images - plain.images) ** 2).mean())
+    assert 10 * np.log10(1 / mse) > 20  # close to the uncached image, not identical
+    everything = render(pipe, num_inference_steps=12, cache_threshold=1e9)
+    assert everything.cached_steps == 11  # only the first step runs every block
+    with pytest.raises(ValueError, match="threshold"):
+        render(pipe, cache_threshold=-1.0)
+
+
+def test_int8_dynamic_blocks_use_bf16_attention_where_the_cpu_has_it():
+    pipe = load("shapes", quantize="int8-dynamic", blocks="memory")
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert {b.attention_dtype for b in [*pipe.transformer.double_blocks, *pipe.transformer.single_blocks]} == {
+        expected}
+    assert load("shapes", quantize="int8", blocks="memory").transformer.double_blocks[0].attention_dtype is None

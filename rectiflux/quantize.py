@@ -403,7 +403,8 @@ def load_quantized(path: str | os.PathLike, activations: str | None = None,
             module = model.get_submodule(unit)
             load_into(module, units.read(unit), None, what)
             _copy_float_parameters(module, dtype)
-        model.block_weights = BlockWeights(units, blocks, lambda block: _copy_float_parameters(block, dtype))
+        model.block_weights = BlockWeights(units, blocks, blocks_of(cfg),
+                                           lambda block: _copy_float_parameters(block, dtype))
     return model.eval()
 
 

@@ -323,8 +323,8 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
         mse = float(((load(side, "image") - load("rectiflux", "image")) ** 2).mean())
         rel = float(np.linalg.norm(load(side, "velocity") - load("rectiflux", "velocity"))
                     / np.linalg.norm(load("rectiflux", "velocity")))
-        lines.append(f"{side} against rectiflux float32: image PSNR {10 * math.log10(1 / max(mse, 1e-20)):.1f} dB, "
-                     f"transformer output relative error {rel:.2g}.")
+        quality = "identical image" if mse == 0 else f"image PSNR {10 * math.log10(1 / mse):.1f} dB"
+        lines.append(f"{side} against rectiflux float32: {quality}, transformer output relative error {rel:.2g}.")
     return lines + [""]
 
 

@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "pipeline", "FluxPipeline": "pipeline", "PipelineOutput": "pipeline",
     "Flux": "transformer", "FluxConfig": "transformer", "load_transformer": "transformer",
-    "save_transformer": "transformer", "AutoEncoder": "autoencoder", "load_autoencoder": "autoencoder",
+    "save_transformer": "transformer", "FirstBlockCache": "transformer", "AutoEncoder": "autoencoder",
+    "load_autoencoder": "autoencoder",
     "model_path": "models",
 }
 __all__ = [*_EXPORTS, "__version__"]

@@ -727,10 +727,10 @@ class BlockWeights:
     """
 
     def __init__(self, units: CheckpointUnits, mode: str, order: list[str],
-                 prepare: Callable[[nn.Module], None] | None = None):
+                 prepare: Callable[[nn.Module], None] | None = None, mapped: bool = False):
         if mode not in ("lazy", "stream"):
             raise ValueError(f"unknown blocks mode {mode!r}; use 'memory', 'lazy' or 'stream'")
-        self.units, self.mode, self.prepare = units, mode, prepare
+        self.units, self.mode, self.prepare, self.mapped = units, mode, prepare, mapped
         self.next = dict(zip(order, [*order[1:], order[0]], strict=True)) if order else {}
         self.loaded: set[str] = set()
         self.pending: tuple[str, Future] | None = None
@@ -743,10 +743,10 @@ class BlockWeights:
         if self.pending is not None and self.pending[0] == name:
             state, self.pending = self.pending[1].result(), None
             return state
-        # a lazy model keeps what it reads: mapping it costs less than copying it into fresh memory (measured on
-        # a 1.3 B-parameter model, the first step took 15.4 s with every tensor copied, diffusers' mapped 7.9 s);
+        # a lazy model that keeps its tensors as stored maps them: cheaper than copying into fresh memory (measured
+        # on a 1.3 B-parameter model, the first step took 15.4 s with every tensor copied, diffusers' mapped 7.9 s);
         # a streamed one must really free each block, so it copies
-        return self.units.read(name, mapped=self.mode == "lazy")
+        return self.units.read(name, mapped=self.mapped)
 
     def before(self, name: str, block: nn.Module, device: torch.device) -> None:
         if name in self.loaded:
@@ -790,18 +790,20 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
     units = CheckpointUnits(path, cfg, diffusers_layout, what)
     units.check(model)
     block_names = blocks_of(cfg)
-    if blocks == "memory":
+    # Tensors used exactly as stored are memory-mapped; but where every block is rewritten (cast to another
+    # dtype, quantised), a mapping would keep the pages it touched resident beside the result, so those read
+    # into fresh memory that is freed once the block is rewritten.
+    as_stored = prepare is None and all(dtype in (None, parts[0][0].dtype) for parts in units.parts.values()
+                                        if parts[0][0].dtype.is_floating_point)
+    if blocks == "memory" and as_stored:
         mapped = read_state_dict(path)  # memory-mapped: nothing is read until used
         state = {k: mapped.pop(units.stored[k]) if k in units.stored else read_rows(units.parts[k]).view(units.shape(k))
                  for k in units.parts}
         del mapped
         load_into(model, state, dtype, what)
-        if prepare is not None:
-            for name in block_names:
-                prepare(model.get_submodule(name))
     else:
         for unit in units.units.keys() - set(block_names):
-            load_into(model.get_submodule(unit), units.read(unit), dtype, what)
+            load_into(model.get_submodule(unit), units.read(unit, mapped=as_stored), dtype, what)
 
         def cast_and_prepare(block: nn.Module) -> None:
             if dtype is not None:
@@ -809,7 +811,14 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
             if prepare is not None:
                 prepare(block)
 
-        model.block_weights = BlockWeights(units, blocks, block_names, cast_and_prepare)
+        weights = BlockWeights(units, "stream" if blocks == "stream" else "lazy", block_names, cast_and_prepare,
+                               mapped=as_stored and blocks == "lazy")
+        if blocks == "memory":  # one block at a time: peak is the rewritten model plus one block as stored
+            device_now = model.img_in.weight.device
+            for name in block_names:
+                weights.before(name, model.get_submodule(name), device_now)
+        else:
+            model.block_weights = weights
     model = model.eval()
     return model.to(device) if device is not None else model
 

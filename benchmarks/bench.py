@@ -328,6 +328,13 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
     return lines + [""]
 
 
+def write_report(out: Path, lines: list[str]) -> None:
+    """Write a benchmark's markdown page (creating its folder) and echo it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print("\n".join(lines))
+
+
 def machine(threads: int) -> list[str]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "unknown")

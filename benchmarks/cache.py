@@ -56,7 +56,7 @@ def run(name: str, pipe, prompts: list[str], steps: int, size: int | None, thres
 
 def main(argv: list[str] | None = None) -> int:
     import rectiflux
-    from benchmarks.bench import CONFIGS, build_folder
+    from benchmarks.bench import CONFIGS, build_folder, write_report
     from rectiflux.shapes import eval_scenes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
              "absolute change). PSNR is against the same images without the cache (pixels in [0, 1]).", "",
              "| model | steps | threshold | s/image | speed-up | PSNR (dB) | full steps per image |",
              "|---|---|---|---|---|---|---|", *rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             file.unlink(missing_ok=True)
+    from benchmarks.bench import write_report
+
     cfg = dev_config()
     lines = ["# A FLUX.1-dev-sized transformer in 8 bits", "",
              f"`python -m benchmarks.dev8bit {' '.join(sys.argv[1:] if argv is None else argv)}`, "
@@ -166,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "stream: every block is read from the file (page cache) before it runs and freed after; memory: "
               "the file is memory-mapped and stays resident once touched (the page cache is shared, not counted "
               "twice)."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

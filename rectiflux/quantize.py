@@ -53,6 +53,7 @@ from .transformer import (
     blocks_of,
     from_diffusers,
     read_config,
+    unit_of,
 )
 
 WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
@@ -114,9 +115,10 @@ class _Scratch(threading.local):
     """Per-thread scratch tensors reused from one call to the next.
 
     A fresh tensor above glibc's mmap threshold (32 MiB at most) is a new mapping whose pages fault on first
-    touch; in a VM that costs several times the arithmetic of a pass over it (measured: 9 ms to multiply a
-    1280 x 7680 float32 tensor into a new tensor, 1.7 ms into an existing one). The int8 path makes three
-    temporaries per linear, so they live here. A scratch tensor never leaves the function that asked for it.
+    touch; in a VM that costs several times the arithmetic of a pass over it (python -m benchmarks.kernels:
+    8.2 ms to multiply a 1280 x 7680 float32 tensor into a new tensor, 1.5 ms into an existing one). The int8
+    path makes three temporaries per linear, so they live here. A scratch tensor never leaves the function that
+    asked for it.
     """
 
     def __init__(self) -> None:
@@ -194,9 +196,9 @@ class QuantizedLinear(nn.Module):
             if (self.activations == "int8" and _INT_MM is not None and x.device.type in ("cpu", "cuda")
                     and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0):
                 return "int_mm"
-            # _weight_int8pack_mm's time grows with every row (measured on a Xeon with AMX: 7 ms per row for a
-            # 9216 x 3072 weight, 9 ms for 1 row against 56 ms to dequantise, 118 ms against 65 ms for 16), so it
-            # is only the kernel for a few rows: the modulations' single row, decoding-like calls
+            # _weight_int8pack_mm's time grows with every row (python -m benchmarks.kernels, Xeon with AMX: 8.8 ms
+            # for 1 row of a 9216 x 3072 weight against 55.6 ms to dequantise, 115 ms against 61.6 ms for 16), so
+            # it is only the kernel for a few rows: the modulations' single row, decoding-like calls
             if (_INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
                     and m <= INT8PACK_MAX_ROWS):
                 return "int8pack"
@@ -414,8 +416,8 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
     float checkpoint is quantised while it loads (peak: the quantised model plus one float block).
 
     With int8 activations the blocks' attention runs in bfloat16 where the CPU has bf16 kernels (AVX512-BF16 or
-    AMX; 3x faster than float32 measured with AMX) and on GPUs: the int8 path is lossy already, and attention
-    was the largest float32 cost left in it.
+    AMX; 3x faster than float32 there: python -m benchmarks.kernels) and on GPUs: the int8 path is lossy already,
+    and attention was the largest float32 cost left in it.
     """
     _check_format(weights, activations)
 
@@ -431,12 +433,6 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
 
 # ----------------------------------------------------------------------------------------------------
 # converting float checkpoints block by block
-
-def _unit(key: str) -> str:
-    """The piece of the model a tensor belongs to: `double_blocks.3`, `single_blocks.0`, `img_in`, ..."""
-    parts = key.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("double_blocks", "single_blocks") and len(parts) > 2 else parts[0]
-
 
 def _group(keys: Iterable[str], unit: Callable[[str], str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
@@ -472,14 +468,14 @@ def _float_units(path: str | os.PathLike, axes_dim: tuple[int, ...] | None) -> t
             for unit, keys in groups.items():
                 yield unit, from_diffusers({k: state.pop(k) for k in keys}, cfg)
             converted = from_diffusers({k: state.pop(k) for k in rest}, cfg)
-            for unit, keys in _group(list(converted), _unit).items():
+            for unit, keys in _group(list(converted), unit_of).items():
                 yield unit, {k: converted.pop(k) for k in keys}
     else:
         what = f"BFL transformer {path}"
 
         def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
             state = strip_prefix(read_state_dict(path), BFL_PREFIXES)
-            for unit, keys in _group(list(state), _unit).items():
+            for unit, keys in _group(list(state), unit_of).items():
                 yield unit, {k: state.pop(k) for k in keys}
     return cfg, what, units()
 

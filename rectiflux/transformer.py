@@ -287,7 +287,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None)
     """Joint attention over (B, L, H, D) tensors (any strides), returned as (B, L, H*D) in q's dtype.
 
     SDPA takes the head-major views without copying and writes its output token-major, so no layout copy is made.
-    `dtype` computes it in another precision (bfloat16 for the int8 mode: 3x faster with AMX, 0.4% error).
+    `dtype` computes it in another precision (bfloat16 for the int8 mode: 3x faster with AMX, 0.4% error, measured
+    by python -m benchmarks.kernels).
     """
     out_dtype = q.dtype
     if dtype is not None and dtype != q.dtype:

@@ -1,0 +1,64 @@
+"""The kernels a FLUX step is made of, timed alone on this machine: the figures docs/benchmarks.md and the code's
+comments quote for kernel choices.
+
+    python -m benchmarks.kernels
+
+Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`) matrix products at FLUX shapes, the
+weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight, SDPA in float32 and
+bfloat16, and what writing into a fresh large tensor costs against writing into an existing one (page faults).
+"""
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def gemm_rates(m: int, k: int, n: int) -> list[tuple[str, float]]:
+    a, w = torch.randn(m, k), torch.randn(n, k)
+    ab, wb = a.bfloat16(), w.bfloat16()
+    ai, wi = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    flop = 2 * m * k * n / 1e6  # per ms: GFLOP/s
+    return [("float32", flop / ms(lambda: F.linear(a, w))), ("bfloat16", flop / ms(lambda: F.linear(ab, wb))),
+            ("int8 _int_mm", flop / ms(lambda: torch._int_mm(ai, wi.t())))]
+
+
+def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
+    return (ms(lambda: torch.ops.aten._weight_int8pack_mm(x, wi, scale), 3),
+            ms(lambda: F.linear(x, wi.float() * scale[:, None]), 3))
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("matrix products (M x K @ K x N), GFLOP/s:")
+    for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
+        print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
+    print("weight-only int8, 9216 x 3072 weight, ms: packed kernel / dequantise + float32 matmul")
+    wi, scale = torch.randint(-127, 128, (9216, 3072), dtype=torch.int8), torch.rand(9216)
+    for rows in (1, 8, 16, 256):
+        packed, dequant = weight_only_ms(torch.randn(rows, 3072), wi, scale)
+        print(f"  {rows} rows: {packed:.1f} / {dequant:.1f}")
+    q, k, v = (torch.randn(1, 24, 1280, 128) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    low = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+    print(f"SDPA 24 heads x 1280 tokens, ms: float32 {ms(lambda: F.scaled_dot_product_attention(q, k, v)):.1f}, "
+          f"bfloat16 {ms(lambda: F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())):.1f} "
+          f"(relative error {((low - exact).norm() / exact.norm()).item():.2g})")
+    x, scale, out = torch.randn(1280, 7680), torch.rand(1280, 1), torch.empty(1280, 7680)
+    print(f"multiply a 1280 x 7680 float32 tensor, ms: into a new tensor {ms(lambda: x * scale):.1f}, "
+          f"into an existing one {ms(lambda: torch.mul(x, scale, out=out)):.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,21 @@
-"""rectiflux against diffusers on this machine's CPU: load time, transformer step time, image time, peak memory.
+"""rectiflux against diffusers on this machine: load time, transformer step time, image time, peak memory.
 
     python -m benchmarks.bench [--configs shapes,medium,large] [--repeats 3] [--threads N] [--out docs/benchmarks.md]
                                [--sides rectiflux,rectiflux-int8,rectiflux-stream,diffusers]
     python -m benchmarks.bench --smoke            # tiny model, 1 repeat, table to a temp file (CI)
+    python -m benchmarks.bench --device cuda --dtype bfloat16 --configs medium,dev   # on a GPU: docs/bench-gpu.md
 
-Sides: `rectiflux` (float32, blocks read at first use), `rectiflux-int8` (int8 weights and activations on the
-blocks' linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels),
-`rectiflux-stream` (float32, each block read from disk before each use and freed after it) and `diffusers`
-(float32). Every ratio is against diffusers; the int8 side's image is also compared with rectiflux's float32 one.
+Sides: `rectiflux` (blocks read at first use), `rectiflux-int8` (int8 weights and activations on the blocks'
+linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels), `rectiflux-stream`
+(each block read from disk before each use and freed after it) and `diffusers`, all in float32 unless --dtype
+says otherwise. Every ratio is against diffusers; the int8 and stream sides' images are also compared with
+rectiflux's plain one.
 
 Each config's random weights are written once (diffusers layout); then every repeat runs one fresh subprocess per
 side, alternating which side goes first, with the same thread settings. A child imports only its own library,
 loads the pipeline, times transformer calls on identical inputs, times one image end to end and reports its peak
-resident memory (VmHWM: ru_maxrss would include the parent's peak, which it inherits across exec).
+resident memory (VmHWM: ru_maxrss would include the parent's peak, which it inherits across exec) and, on a GPU,
+the peak of device memory allocated through torch. On a GPU every timing waits for the device to finish.
 """
 
 from __future__ import annotations
@@ -63,14 +66,22 @@ CONFIGS = {
     "large": Config(512, 256, 2, 2, dict(num_layers=3, num_single_layers=6, num_attention_heads=24,
                                          attention_head_dim=128, axes_dims_rope=(16, 56, 56), **TEXT,
                                          vae_block_out_channels=(32, 64, 64, 64))),
+    # FLUX.1-dev's transformer (11.9 G parameters) and VAE at 1024x1024 with its 512 T5 tokens: for a GPU
+    "dev": Config(1024, 512, 8, 5, dict(num_layers=19, num_single_layers=38, num_attention_heads=24,
+                                        attention_head_dim=128, axes_dims_rope=(16, 56, 56), **TEXT,
+                                        vae_block_out_channels=(128, 256, 512, 512), vae_layers_per_block=2)),
 }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # children: each runs in its own process, started by `run_child`
 
-def build_folder(folder: Path, model: dict) -> None:
-    """Seeded random FLUX pipeline in the diffusers layout (tiny CLIP and T5, real tokenizer formats)."""
+def build_folder(folder: Path, model: dict, device: str = "cpu", dtype: str = "float32") -> None:
+    """Seeded random FLUX pipeline in the diffusers layout (tiny CLIP and T5, real tokenizer formats).
+
+    The transformer is initialised on `device` directly in `dtype` and stored so: a dev-sized one would take
+    48 GB in float32.
+    """
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
@@ -79,14 +90,21 @@ def build_folder(folder: Path, model: dict) -> None:
 
     m = dict(model)
     vae_blocks, joint, pooled = m.pop("vae_block_out_channels"), m["joint_attention_dim"], m["pooled_projection_dim"]
+    vae_layers = m.pop("vae_layers_per_block", 1)
     clip_vocab = write_clip_tokenizer(folder / "tokenizer")
     clip_tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     t5_tokenizer = build_t5_tokenizer()
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **m)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **m)
+    finally:
+        torch.set_default_dtype(default_dtype)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
                         up_block_types=("UpDecoderBlock2D",) * len(vae_blocks), block_out_channels=vae_blocks,
-                        layers_per_block=1, latent_channels=16, norm_num_groups=8, scaling_factor=0.3611,
+                        layers_per_block=vae_layers, latent_channels=16, norm_num_groups=8, scaling_factor=0.3611,
                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=clip_vocab, hidden_size=pooled, intermediate_size=2 * pooled, num_hidden_layers=1,
@@ -105,21 +123,67 @@ def build_folder(folder: Path, model: dict) -> None:
     write_clip_tokenizer(folder / "tokenizer")  # vocab.json + merges.txt, as a real FLUX folder ships them
 
 
-def gemm_rates(threads: int, repeats: int) -> dict:
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gemm_rates(threads: int, repeats: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """torch.mm rates in GFLOP/s; the first is the one a step is compared with."""
     import torch
 
     torch.set_num_threads(threads)
+    shapes = {"2048^3": (2048, 2048, 2048), "576x768 @ 768x3072": (576, 768, 3072)}
+    if device != "cpu":  # a GPU needs a larger product to reach its rate
+        shapes = {"8192^3": (8192, 8192, 8192), "4608x3072 @ 3072x12288": (4608, 3072, 12288)}
     rates = {}
-    for name, (m, k, n) in {"2048^3": (2048, 2048, 2048), "576x768 @ 768x3072": (576, 768, 3072)}.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(k, n, device=device, dtype=getattr(torch, dtype))
         torch.mm(a, b)
         times = []
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             torch.mm(a, b)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         rates[name] = 2 * m * k * n / statistics.median(times) / 1e9
     return rates
+
+
+def attention_kernels(device: str, dtype: str, repeats: int = 20) -> dict[str, float]:
+    """Milliseconds of one FLUX.1-dev attention (24 heads x 128, 4096 + 512 tokens) per SDPA backend on a GPU."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    q, k, v = (torch.randn(1, 24, 4608, 128, device=device, dtype=getattr(torch, dtype)) for _ in range(3))
+    times = {}
+    for name in ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel(list(SDPBackend) if name == "default" else [getattr(SDPBackend, name)]):
+                sdpa(q, k, v)
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    sdpa(q, k, v)
+                synchronize(device)
+        except (RuntimeError, AttributeError):  # backend not built in or not usable for these inputs
+            continue
+        times[name] = (time.perf_counter() - start) / repeats * 1e3
+    return times
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    return device
 
 
 def geometry(folder: Path, cfg: dict) -> dict:
@@ -136,6 +200,7 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     import torch
 
     torch.set_num_threads(threads)
+    device, dtype = cfg.get("device", "cpu"), getattr(torch, cfg.get("dtype", "float32"))
     ours = side != "diffusers"
     if ours:
         from rectiflux.pipeline import load
@@ -148,23 +213,24 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
 
     start = time.perf_counter()
     if ours:
-        pipe = load(folder, dtype=torch.float32, **LOAD_OPTIONS[side])
+        pipe = load(folder, dtype=dtype, device=device, **LOAD_OPTIONS[side])
     else:
-        pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
         pipe.set_progress_bar_config(disable=True)
+    synchronize(device)
     load_s = time.perf_counter() - start
 
     g = geometry(folder, cfg)
     t, half = g["transformer"], g["latent"] // 2
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, g["l_img"], t["in_channels"], generator=gen)
-    txt = torch.randn(1, g["l_txt"], t["joint_attention_dim"], generator=gen)
-    pooled = torch.randn(1, t["pooled_projection_dim"], generator=gen)
-    timestep = torch.tensor([0.5])
-    guidance = torch.tensor([cfg["guidance"]]) if t["guidance_embeds"] else None
+    x = torch.randn(1, g["l_img"], t["in_channels"], generator=gen).to(device, dtype)
+    txt = torch.randn(1, g["l_txt"], t["joint_attention_dim"], generator=gen).to(device, dtype)
+    pooled = torch.randn(1, t["pooled_projection_dim"], generator=gen).to(device, dtype)
+    timestep = torch.tensor([0.5], device=device, dtype=dtype)
+    guidance = torch.tensor([cfg["guidance"]], device=device) if t["guidance_embeds"] else None
     rows, cols = torch.meshgrid(torch.arange(half), torch.arange(half), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
-    txt_ids = torch.zeros(g["l_txt"], 3)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(device)
+    txt_ids = torch.zeros(g["l_txt"], 3, device=device)
     if ours:
         def step():
             return pipe.transformer(img=x, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timestep, y=pooled,
@@ -178,10 +244,12 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     with torch.no_grad():
         start = time.perf_counter()
         velocity = step()  # warm-up; a lazy loader reads the weights here, so this is timed too
+        synchronize(device)
         first_s = time.perf_counter() - start
         for _ in range(cfg["calls"]):
             start = time.perf_counter()
             step()
+            synchronize(device)
             step_s.append(time.perf_counter() - start)
 
     def image(steps: int):
@@ -190,22 +258,29 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
                     generator=torch.Generator().manual_seed(0), output_type="np").images
 
     image(1)  # warm-up: text encoders and VAE decoder
+    synchronize(device)
     start = time.perf_counter()
-    pixels = image(cfg["steps"])
+    pixels = image(cfg["steps"])  # returned as numpy: the device has finished
     e2e_s = time.perf_counter() - start
-    np.save(out / f"{side}-velocity.npy", velocity.numpy())
+    np.save(out / f"{side}-velocity.npy", velocity.float().cpu().numpy())
     np.save(out / f"{side}-image.npy", np.asarray(pixels))
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return {"import": [import_s], "load": [load_s], "first": [load_s + first_s], "step": step_s, "e2e": [e2e_s],
-            "rss": [int(hwm.split()[1]) / 1024]}
+    result = {"import": [import_s], "load": [load_s], "first": [load_s + first_s], "step": step_s, "e2e": [e2e_s],
+              "rss": [int(hwm.split()[1]) / 1024]}
+    if device.startswith("cuda"):
+        result["gpu"] = [torch.cuda.max_memory_allocated() / 2**20]
+    return result
 
 
 def child_main(kind: str, payload: dict) -> None:
     if kind == "build":
-        build_folder(Path(payload["folder"]), payload["model"])
+        build_folder(Path(payload["folder"]), payload["model"], payload["device"], payload["dtype"])
         result = {}
     elif kind == "gemm":
-        result = gemm_rates(payload["threads"], payload["repeats"])
+        result = {"rates": gemm_rates(payload["threads"], payload["repeats"], payload["device"], payload["dtype"]),
+                  "device": device_name(payload["device"])}
+        if payload["device"] != "cpu":
+            result["attention"] = attention_kernels(payload["device"], payload["dtype"])
     else:
         result = measure(kind, Path(payload["folder"]), payload["cfg"], payload["threads"], Path(payload["out"]))
     Path(payload["result"]).write_text(json.dumps(result))
@@ -274,10 +349,12 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
     else:
         folder = work / name
         print(f"{name}: writing random weights to {folder}", flush=True)
-        run_child("build", {"folder": str(folder), "model": cfg.model}, args.threads, work, seen)
+        run_child("build", {"folder": str(folder), "model": cfg.model, "device": args.device, "dtype": args.dtype},
+                  args.threads, work, seen)
     d = model_defaults(folder)
     c = {"size": cfg.size, "seq_len": cfg.seq_len or d.get("max_sequence_length", 512), "calls": cfg.calls,
-         "steps": cfg.steps or d.get("steps", 28), "guidance": float(d.get("guidance", 3.5))}
+         "steps": cfg.steps or d.get("steps", 28), "guidance": float(d.get("guidance", 3.5)),
+         "device": args.device, "dtype": args.dtype}
     g = geometry(folder, c)
     t, flops = g["transformer"], step_flops(g["transformer"], g["l_img"], g["l_txt"])
     params = sum(math.prod(shape) for shape in read_keys_and_shapes(folder / "transformer").values())
@@ -304,6 +381,8 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
             ("transformer step (s)", "step"),
             ("transformer GFLOP/s", "gflops"), ("% of GEMM rate", "gemm"),
             (f"end-to-end, {c['steps']} steps (s/image)", "e2e"), ("peak RSS (MiB)", "rss")]
+    if args.device != "cpu":
+        rows.append(("peak GPU memory allocated (MiB)", "gpu"))
     lines = [f"### {name}", "",
              f"{t['num_layers']} double + {t['num_single_layers']} single blocks, hidden "
              f"{t['num_attention_heads'] * t['attention_head_dim']} ({t['num_attention_heads']} x "
@@ -324,7 +403,7 @@ def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list
         rel = float(np.linalg.norm(load(side, "velocity") - load("rectiflux", "velocity"))
                     / np.linalg.norm(load("rectiflux", "velocity")))
         quality = "identical image" if mse == 0 else f"image PSNR {10 * math.log10(1 / mse):.1f} dB"
-        lines.append(f"{side} against rectiflux float32: {quality}, transformer output relative error {rel:.2g}.")
+        lines.append(f"{side} against rectiflux {args.dtype}: {quality}, transformer output relative error {rel:.2g}.")
     return lines + [""]
 
 
@@ -335,7 +414,7 @@ def write_report(out: Path, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
-def machine(threads: int) -> list[str]:
+def machine(threads: int, device: str, dtype: str) -> list[str]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "unknown")
     mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
@@ -349,7 +428,8 @@ def machine(threads: int) -> list[str]:
     return [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {mem_kb / 2**20:.1f} GiB RAM; "
             f"load average at start {load}",
             f"- {versions}, Python {sys.version.split()[0]}; {accelerate}",
-            f"- threads: {threads} (torch.set_num_threads and OMP_NUM_THREADS), OMP_WAIT_POLICY=PASSIVE, float32"]
+            f"- threads: {threads} (torch.set_num_threads and OMP_NUM_THREADS), OMP_WAIT_POLICY=PASSIVE; "
+            f"{dtype} on {device}, both sides"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,46 +442,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="the tiny config, 1 repeat: checks the harness, not speed")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (diffusers and "
                    "rectiflux are always run)")
+    p.add_argument("--device", default="cpu", help="torch device of both sides (cuda: a GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute dtype of both sides (and of the random weights written)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child_main(args.child[0], json.loads(args.child[1]))
         return 0
-    names = (args.configs or ("smoke" if args.smoke else "shapes,medium,large")).split(",")
+    default = "smoke" if args.smoke else ("shapes,medium,large" if args.device == "cpu" else "medium,dev")
+    names = (args.configs or default).split(",")
     if unknown := [n for n in names if n not in CONFIGS]:
         p.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.sides = [s for s in SIDES if s in set(args.sides.split(",")) | {"rectiflux", "diffusers"}]
     out = args.out or (Path(tempfile.gettempdir()) / "rectiflux-bench-smoke.md" if args.smoke
-                       else ROOT / "docs" / "benchmarks.md")
+                       else ROOT / "docs" / ("benchmarks.md" if args.device == "cpu" else "bench-gpu.md"))
     seen: set[str] = set()
     failed = False
     with tempfile.TemporaryDirectory(prefix="rectiflux-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        print("measuring float32 GEMM throughput", flush=True)
-        gemm = run_child("gemm", {"threads": args.threads, "repeats": 3 if args.smoke else 10}, args.threads, work,
-                         seen)
-        print("GEMM: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items()), flush=True)
-        lines = ["# rectiflux vs diffusers on CPU", "",
+        print(f"measuring {args.dtype} GEMM throughput on {args.device}", flush=True)
+        gemm = run_child("gemm", {"threads": args.threads, "repeats": 3 if args.smoke else 10, "device": args.device,
+                                  "dtype": args.dtype}, args.threads, work, seen)
+        rates = ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm["rates"].items())
+        print(f"GEMM: {rates}", flush=True)
+        where = "CPU" if args.device == "cpu" else f"GPU ({gemm['device']})"
+        lines = [f"# rectiflux vs diffusers on {where}", "",
                  f"`python -m benchmarks.bench {shlex.join(sys.argv[1:] if argv is None else argv)}`, "
-                 f"{datetime.now().astimezone().isoformat(timespec='seconds')}", "", *machine(args.threads),
-                 "- float32 GEMM (torch.mm, median): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items()),
+                 f"{datetime.now().astimezone().isoformat(timespec='seconds')}", "",
+                 *machine(args.threads, args.device, args.dtype),
+                 f"- {args.dtype} GEMM (torch.mm, median): {rates}",
+                 *([("- one FLUX.1-dev attention (SDPA, 24 x 128 heads, 4608 tokens), ms by backend: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in gemm["attention"].items()))] if "attention" in gemm
+                   else []),
                  "", "Every cell: median (min-max) over fresh processes (steps: over all timed calls). Ratios below 1 "
-                 "favour rectiflux, except GFLOP/s and % of GEMM (the 2048^3 rate), where above 1 does. A step is one "
-                 "transformer call on identical random inputs, after one warm-up call; 'load + first step' adds that "
-                 "warm-up call to the load (a lazy loader, and diffusers' memory map, read the weights there); "
+                 "favour rectiflux, except GFLOP/s and % of GEMM (the first GEMM rate), where above 1 does. A step is "
+                 "one transformer call on identical random inputs, after one warm-up call; 'load + first step' adds "
+                 "that warm-up call to the load (a lazy loader, and diffusers' memory map, read the weights there); "
                  "end-to-end is one image (text encoders, sampling, VAE decode) after a 1-step warm-up image; peak "
                  "RSS is the child's VmHWM over import, load, steps and images.", ""]
         for name in names:
             try:
-                table = run_config(name, args, gemm["2048^3"], work, seen)
+                table = run_config(name, args, next(iter(gemm["rates"].values())), work, seen)
             except ChildFailed as e:
                 failed, table = True, [f"### {name}", "", f"Failed: {e}", ""]
             print("\n" + "\n".join(table), flush=True)
             lines += table
             shutil.rmtree(work / name, ignore_errors=True)  # a large config's weights go before the next one's
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines).rstrip() + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(lines).rstrip() + "\n")  # after each config: a cut-off run keeps its tables
     print(f"wrote {out}")
     return 1 if failed else 0
 

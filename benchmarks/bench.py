@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -164,7 +165,7 @@ def attention_kernels(device: str, dtype: str, repeats: int = 20) -> dict[str, f
     times = {}
     for name in ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         try:
-            with sdpa_kernel(list(SDPBackend) if name == "default" else [getattr(SDPBackend, name)]):
+            with nullcontext() if name == "default" else sdpa_kernel([getattr(SDPBackend, name)]):
                 sdpa(q, k, v)
                 synchronize(device)
                 start = time.perf_counter()
@@ -280,7 +281,10 @@ def child_main(kind: str, payload: dict) -> None:
         result = {"rates": gemm_rates(payload["threads"], payload["repeats"], payload["device"], payload["dtype"]),
                   "device": device_name(payload["device"])}
         if payload["device"] != "cpu":
-            result["attention"] = attention_kernels(payload["device"], payload["dtype"])
+            try:
+                result["attention"] = attention_kernels(payload["device"], payload["dtype"])
+            except Exception as e:  # informative only: the GEMM rate is what the tables need
+                print(f"attention kernels not measured: {e!r}", file=sys.stderr)
     else:
         result = measure(kind, Path(payload["folder"]), payload["cfg"], payload["threads"], Path(payload["out"]))
     Path(payload["result"]).write_text(json.dumps(result))

@@ -137,10 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         full = ours(PROMPT, generator=torch.Generator().manual_seed(0), **{**COMMON, "num_inference_steps": 8})
         c.check("step cache 0.5 over 8 steps", cached.images.shape == full.images.shape,
                 f"{cached.cached_steps} step(s) skipped, PSNR {psnr(cached.images, full.images):.1f} dB vs uncached")
+        # bfloat16: against diffusers in bfloat16 (same work), then how far both are from float32
         bf16 = load(folder, dtype=torch.bfloat16, device=device)
         got = bf16(PROMPT, generator=torch.Generator().manual_seed(0), **COMMON).images
-        db = psnr(got, images["t2i"])
-        c.check("bfloat16 vs float32 image", db >= 30, f"PSNR {db:.1f} dB")
+        ref16 = FluxPipeline.from_pretrained(folder, dtype=torch.bfloat16, local_files_only=True).to(device)
+        ref16.set_progress_bar_config(disable=True)
+        want = ref16(PROMPT, generator=torch.Generator().manual_seed(0), **COMMON).images
+        db = psnr(got, want)
+        c.check("bfloat16 image vs diffusers bfloat16", db >= 30,
+                f"PSNR {db:.1f} dB; against float32: rectiflux {psnr(got, images['t2i']):.1f} dB, "
+                f"diffusers {psnr(want, images['t2i']):.1f} dB")
+        e32, p32 = ours.text_encoders.encode(PROMPT, None, 1, 16)
+        e16, p16 = bf16.text_encoders.encode(PROMPT, None, 1, 16)
+        rel = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in ((e16, e32), (p16, p32))]
+        v16 = velocity(bf16.transformer, torch.bfloat16)
+        rel.append(float((v16 - base).norm() / base.norm()))
+        c.check("bfloat16 parts vs float32", max(rel) < 0.05,
+                "relative error of T5 {:.2g}, CLIP pooled {:.2g}, transformer {:.2g}".format(*rel))
     print(f"{len(c.failed)} check(s) failed" + (f": {', '.join(c.failed)}" if c.failed else ""))
     return 1 if c.failed else 0
 

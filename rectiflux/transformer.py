@@ -723,7 +723,7 @@ class BlockWeights:
     "lazy" loads in the time it takes to read the headers and then holds each block from its first use on,
     as a memory-mapped file would; "stream" frees each block after it ran, so peak memory is about two blocks
     plus the activations and the small float parts, for machines that cannot hold the model. While a streamed
-    block runs, the next one is read by a background thread (file reads release the GIL).
+    block, or a lazy one on a GPU, runs, the next one is read by a background thread (file reads release the GIL).
     `prepare(block)` runs on each block right after it was read (casting, quantisation, attention dtype).
     """
 
@@ -740,21 +740,27 @@ class BlockWeights:
             self.reader = ThreadPoolExecutor(1, thread_name_prefix="rectiflux-blocks")
             _return_freed_blocks_to_the_system()
 
-    def _read(self, name: str) -> dict[str, Tensor]:
+    def _read(self, name: str, mapped: bool) -> dict[str, Tensor]:
         if self.pending is not None and self.pending[0] == name:
             state, self.pending = self.pending[1].result(), None
             return state
-        # a lazy model that keeps its tensors as stored maps them: cheaper than copying into fresh memory (measured
-        # on a 1.3 B-parameter model, the first step took 15.4 s with every tensor copied, diffusers' mapped 7.9 s);
-        # a streamed one must really free each block, so it copies
-        return self.units.read(name, mapped=self.mapped)
+        return self.units.read(name, mapped=mapped)
 
     def before(self, name: str, block: nn.Module, device: torch.device) -> None:
         if name in self.loaded:
             return
-        state = {k: v.to(device) for k, v in self._read(name).items()}
-        if self.reader is not None and self.pending is None:
-            upcoming = self.next[name]
+        # A lazy model on the CPU that keeps its tensors as stored maps them: cheaper than copying into fresh
+        # memory (measured on a 1.3 B-parameter model, the first step took 15.4 s with every tensor copied,
+        # diffusers' mapped 7.9 s). A streamed one must really free each block, so it copies; so does one on a
+        # GPU, where the block is copied to the device anyway and the mapped pages would stay resident beside
+        # the copy (benchmarks.bench on an H100, FLUX.1-dev-sized in bfloat16: 17.8 GiB peak RSS mapped,
+        # diffusers 10.7 GiB), and where reading the next block while this one runs hides the reads.
+        on_cpu = torch.device(device).type == "cpu"
+        state = {k: v.to(device) for k, v in self._read(name, self.mapped and on_cpu).items()}
+        if not on_cpu and self.reader is None:
+            self.reader = ThreadPoolExecutor(1, thread_name_prefix="rectiflux-blocks")
+        upcoming = self.next[name]
+        if self.reader is not None and self.pending is None and upcoming not in self.loaded:
             self.pending = (upcoming, self.reader.submit(self.units.read, upcoming))
         load_into(block, state, None, f"{self.units.what} ({name})")
         if self.prepare is not None:

@@ -58,6 +58,30 @@ def test_lazy_model_materializes_and_casts(dev_like):
         load_transformer(folder, blocks="sometimes")
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_lazy_blocks_map_only_on_the_cpu_and_read_ahead_elsewhere(dev_like, device, monkeypatch):
+    """On the CPU a lazy block maps the file; on any other device (meta stands in for a GPU: CI has none) the
+    block is copied there, so it is read into fresh memory, and the next block is read meanwhile."""
+    bfl = dev_like[2]
+    model = load_transformer(bfl, blocks="lazy")
+    weights = model.block_weights
+    calls = []
+    read = weights.units.read
+    monkeypatch.setattr(weights.units, "read", lambda unit, mapped=False: calls.append((unit, mapped)) or
+                        read(unit, mapped=mapped))
+    weights.before("double_blocks.0", model.double_blocks[0], torch.device(device))
+    if weights.pending is not None:
+        weights.pending[1].result()
+    if device == "cpu":
+        assert calls == [("double_blocks.0", True)] and weights.pending is None
+    else:
+        assert calls == [("double_blocks.0", False), ("double_blocks.1", False)]
+        assert weights.pending[0] == "double_blocks.1"
+    assert block_devices(model) >= {device}
+    weights.before("double_blocks.1", model.double_blocks[1], torch.device(device))
+    assert len(calls) == (2 if device == "cpu" else 3)  # the block read ahead is used, not read again
+
+
 @pytest.mark.parametrize("blocks", ["lazy", "stream"])
 def test_mismatched_checkpoint_is_refused_at_load(tmp_path, dev_like, blocks):
     _, _, bfl = dev_like

@@ -139,3 +139,76 @@ def test_missing_subfolder_is_named(folder, tmp_path, name):
     shutil.rmtree(broken / name)
     with pytest.raises(CheckpointError, match=f"has no {name} subfolder"):
         TextEncoders.from_folder(broken)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# our CLIP and T5 against transformers' models directly, in the variants real checkpoints come in
+
+def _save_clip(tmp_path, eos_token_id: int, legacy_prefix: bool, dtype: torch.dtype):
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    ref = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=20, hidden_act="quick_gelu",
+                                       eos_token_id=eos_token_id, bos_token_id=48, pad_token_id=49)).eval()
+    ref.config.save_pretrained(tmp_path)
+    prefix = "text_model." if legacy_prefix else ""
+    state = {prefix + k: v.to(dtype).contiguous() for k, v in ref.state_dict().items()}
+    if legacy_prefix:  # transformers 4.x saved the constant position ids too
+        state["text_model.embeddings.position_ids"] = torch.arange(20)[None]
+    save_file(state, tmp_path / "model.safetensors")
+    return ref.to(dtype)
+
+
+@pytest.mark.parametrize(("eos_token_id", "legacy_prefix", "dtype"),
+                         [(47, False, torch.float32), (2, True, torch.float32), (47, True, torch.bfloat16)])
+def test_clip_matches_transformers(tmp_path, eos_token_id, legacy_prefix, dtype):
+    from rectiflux.text_encoders import load_clip
+
+    ref = _save_clip(tmp_path, eos_token_id, legacy_prefix, dtype)
+    ids = torch.tensor([[48, 5, 9, 47, 49, 49, 49], [48, 30, 3, 7, 12, 47, 49]])
+    ours = load_clip(tmp_path)
+    assert ours.dtype == dtype
+    with torch.no_grad():
+        hidden, pooled = ours(ids)
+        want = ref(ids)
+    torch.testing.assert_close(hidden, want.last_hidden_state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-6)
+    # the pooled row is the end-of-text token's (eos id 47), or the largest id's in the legacy config (pad 49)
+    end = [3, 5] if eos_token_id == 47 else [4, 6]
+    assert torch.equal(pooled, hidden[[0, 1], end])
+
+
+@pytest.mark.parametrize(("proj", "dtype"), [("gated-gelu", torch.float16), ("gated-gelu", torch.bfloat16),
+                                             ("relu", torch.float32)])
+def test_t5_matches_transformers(tmp_path, proj, dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    from rectiflux.text_encoders import load_t5
+
+    torch.manual_seed(0)
+    ref = T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                  feed_forward_proj=proj)).eval()
+    ref.save_pretrained(tmp_path)  # float32 on disk; both sides cast at load
+    ref = T5EncoderModel.from_pretrained(tmp_path, dtype=dtype, local_files_only=True).eval()
+    ours = load_t5(tmp_path, dtype)
+    # transformers keeps T5's output projections in float32 for float16 (only): so do we
+    assert ours.blocks[0].wo.weight.dtype == ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
+    assert ours.blocks[0].wo.weight.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    ids = torch.randint(0, 40, (2, 30))  # longer than max_distance: the log-spaced and the last bucket are used
+    with torch.no_grad():
+        got, want = ours(ids), ref(ids).last_hidden_state
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_unknown_text_encoder_activation_is_refused(tmp_path):
+    from rectiflux.text_encoders import load_clip
+
+    _save_clip(tmp_path, 47, False, torch.float32)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text().replace('"quick_gelu"', '"swish-ish"'))
+    with pytest.raises(CheckpointError, match="activation 'swish-ish' is not supported"):
+        load_clip(tmp_path)

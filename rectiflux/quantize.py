@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,20 +40,16 @@ from .checkpoint import (
     parse_dtype,
     read_state_dict,
     save_state_dict,
-    strip_prefix,
     weight_files,
 )
 from .transformer import (
-    BFL_PREFIXES,
     BLOCK_MODES,
     BlockWeights,
     CheckpointUnits,
     Flux,
     FluxConfig,
     blocks_of,
-    from_diffusers,
     read_config,
-    unit_of,
 )
 
 WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
@@ -434,86 +430,32 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
 # ----------------------------------------------------------------------------------------------------
 # converting float checkpoints block by block
 
-def _group(keys: Iterable[str], unit: Callable[[str], str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        groups.setdefault(unit(key), []).append(key)
-    return groups
-
-
-def _diffusers_unit(key: str) -> str:
-    parts = key.split(".")
-    if parts[0] == "transformer_blocks" and len(parts) > 2:
-        return f"double_blocks.{parts[1]}"
-    if parts[0] == "single_transformer_blocks" and len(parts) > 2:
-        return f"single_blocks.{parts[1]}"
-    return ""  # embedders, norm_out, proj_out: small, converted together
-
-
-def _float_units(path: str | os.PathLike, axes_dim: tuple[int, ...] | None) -> tuple[FluxConfig, str, Iterator]:
-    """The config of a float checkpoint and a generator of (unit, {our name: tensor}) for one unit at a time.
-
-    The config comes from transformer.read_config. The tensors are memory-mapped; the diffusers layout's
-    q/k/v (and the single blocks' MLP input) are concatenated one block at a time, so at most one block of
-    float weights is ever materialised.
-    """
-    path, cfg, diffusers_layout = read_config(path, axes_dim)
-    if diffusers_layout:
-        what = f"diffusers transformer {path}"
-
-        def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
-            state = read_state_dict(path)
-            groups = _group(list(state), _diffusers_unit)
-            rest = groups.pop("", [])
-            for unit, keys in groups.items():
-                yield unit, from_diffusers({k: state.pop(k) for k in keys}, cfg)
-            converted = from_diffusers({k: state.pop(k) for k in rest}, cfg)
-            for unit, keys in _group(list(converted), unit_of).items():
-                yield unit, {k: converted.pop(k) for k in keys}
-    else:
-        what = f"BFL transformer {path}"
-
-        def units() -> Iterator[tuple[str, dict[str, Tensor]]]:
-            state = strip_prefix(read_state_dict(path), BFL_PREFIXES)
-            for unit, keys in _group(list(state), unit_of).items():
-                yield unit, {k: state.pop(k) for k in keys}
-    return cfg, what, units()
-
-
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, weights: str = "int8",
                   dtype: torch.dtype | str | None = torch.float32, skip: Iterable[str] = DEFAULT_SKIP,
                   axes_dim: tuple[int, ...] | None = None) -> None:
     """Convert a float checkpoint (diffusers folder or BFL file, as load_transformer reads) to a quantized file.
 
-    The model is filled one block at a time from the memory-mapped checkpoint; each block's linears are
-    quantised as soon as it is loaded and its float weights dropped, so the peak memory is the quantised
-    model plus about one block in its stored dtype (for a diffusers folder, whose q/k/v are concatenated
-    here), plus whatever safetensors needs to write the result. `dtype` is the dtype of the parts kept in
-    float (float32 by default, like load_transformer), so the result equals quantize_transformer(load_transformer(src)).
+    The checkpoint's headers are checked against the model first; then each unit (a block, an embedder) is read
+    into fresh memory in its stored dtype (a diffusers folder's q/k/v straight into the fused rows), its linears
+    are quantised and its float weights dropped, so the peak memory is the quantised model plus about one block,
+    plus whatever safetensors needs to write the result. `dtype` is the dtype of the parts kept in float
+    (float32 by default, like load_transformer), so the result equals
+    quantize_transformer(load_transformer(src)).
     """
     _check_format(weights, None)
     dtype = parse_dtype(dtype)
     skip = _check_skip(skip)
-    cfg, what, units = _float_units(src, axes_dim)
+    path, cfg, diffusers_layout = read_config(src, axes_dim)
+    what = f"{'diffusers' if diffusers_layout else 'BFL'} transformer {path}"
     with torch.device("meta"):
         model = Flux(cfg)
-    children = {name for name, _ in model.named_children()} - {"double_blocks", "single_blocks"}
-    blocks = {f"{kind}.{i}" for kind in ("double_blocks", "single_blocks") for i in range(len(getattr(model, kind)))}
-    unexpected: list[str] = []
-    for unit, part in units:
-        if unit not in children | blocks:
-            unexpected += sorted(part)
-            continue
+    units = CheckpointUnits(path, cfg, diffusers_layout, what)
+    units.check(model)
+    for unit in units.units:
         module = model.get_submodule(unit)
-        # loaded in the stored dtype: quantize_weight widens each weight to float32 by itself, one linear at a
-        # time, so casting a bf16 block to float32 first would only double its peak; the float parts left
-        # after quantisation are cast (and copied off the mapped file) right after, as load_quantized does
-        load_into(module, {k.removeprefix(unit + "."): part.pop(k) for k in list(part)}, None, f"{what} ({unit})")
+        # quantize_weight widens each weight to float32 by itself, one linear at a time, so casting a bf16 block
+        # to float32 first would only double its peak; the float parts left are cast after quantisation
+        load_into(module, units.read(unit), None, f"{what} ({unit})")
         _quantize_linears(module, unit, weights, None, skip)
         _copy_float_parameters(module, dtype)
-    if unexpected:
-        raise CheckpointError(f"{what} does not match the model: unexpected {_list(unexpected)}")
-    missing = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{what} does not match the model: missing {_list(missing)}")
     save_quantized(model, dst)

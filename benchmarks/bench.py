@@ -6,10 +6,11 @@
     python -m benchmarks.bench --device cuda --dtype bfloat16 --configs medium,dev   # on a GPU: docs/bench-gpu.md
 
 Sides: `rectiflux` (blocks read at first use), `rectiflux-int8` (int8 weights and activations on the blocks'
-linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels), `rectiflux-stream`
-(each block read from disk before each use and freed after it) and `diffusers`, all in float32 unless --dtype
-says otherwise. Every ratio is against diffusers; the int8 and stream sides' images are also compared with
-rectiflux's plain one.
+linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels), `rectiflux-bf16`
+(the whole pipeline in bfloat16: the opt-in lower precision that matrix units such as AMX run fastest),
+`rectiflux-stream` (each block read from disk before each use and freed after it) and `diffusers`, all in
+float32 unless --dtype (or the side itself) says otherwise. Every ratio is against diffusers; the other
+rectiflux sides' images are also compared with rectiflux's plain one.
 
 Each config's random weights are written once (diffusers layout); then every repeat runs one fresh subprocess per
 side, alternating which side goes first, with the same thread settings. A child imports only its own library,
@@ -38,9 +39,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-stream", "diffusers")
+SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-bf16", "rectiflux-stream", "diffusers")
 LOAD_OPTIONS = {"rectiflux": {}, "rectiflux-int8": {"quantize": "int8-dynamic"},
-                "rectiflux-stream": {"blocks": "stream"}}
+                "rectiflux-bf16": {"dtype": "bfloat16"}, "rectiflux-stream": {"blocks": "stream"}}
 PROMPT = "a large red circle on the left on a white background"
 CHILD_TIMEOUT_S = 3 * 3600
 TEXT = {"joint_attention_dim": 4096, "pooled_projection_dim": 768}  # FLUX.1's widths; the text encoders stay tiny
@@ -214,7 +215,7 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
 
     start = time.perf_counter()
     if ours:
-        pipe = load(folder, dtype=dtype, device=device, **LOAD_OPTIONS[side])
+        pipe = load(folder, **{"dtype": dtype, "device": device, **LOAD_OPTIONS[side]})
     else:
         pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
         pipe.set_progress_bar_config(disable=True)

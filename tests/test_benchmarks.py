@@ -23,7 +23,7 @@ from benchmarks.bench import step_flops  # noqa: E402
 
 METRICS = ("import (s)", "load (s)", "load + first step (s)", "transformer step (s)", "transformer GFLOP/s",
            "% of GEMM rate", "end-to-end, 2 steps (s/image)", "peak RSS (MiB)")
-SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-stream", "diffusers")
+SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-bf16", "rectiflux-stream", "diffusers")
 
 
 def test_smoke_run_writes_the_table(tmp_path):
@@ -34,15 +34,15 @@ def test_smoke_run_writes_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     assert "--smoke --threads 1" in text and "float32 GEMM" in text and "CPU:" in text
-    ratios = [f"{side} / diffusers" for side in SIDES[:3]]
+    ratios = [f"{side} / diffusers" for side in SIDES[:4]]
     assert "| metric | " + " | ".join(SIDES + tuple(ratios)) + " |" in text
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     for metric in METRICS:
         cells = [c.strip() for c in rows[metric].strip("|").split("|")]
-        assert len(cells) == 8 and all(cells), rows[metric]  # every side and every ratio is filled in
-        [float(c) for c in cells[5:]]
+        assert len(cells) == 10 and all(cells), rows[metric]  # every side and every ratio is filled in
+        [float(c) for c in cells[6:]]
     assert "max |difference| between rectiflux and diffusers of one transformer output" in text
-    for side in SIDES[1:3]:
+    for side in SIDES[1:4]:
         assert f"{side} against rectiflux float32: " in text
     assert "rectiflux-stream against rectiflux float32: identical image" in text  # the same blocks, read later
     assert list(tmp_path.iterdir()) == [out]  # the random weights were cleaned up

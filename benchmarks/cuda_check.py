@@ -120,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 return model(**kw).float().cpu()
 
         base = velocity(t)
-        for blocks in ("memory", "lazy", "stream"):
+        for blocks in ("memory", "stream"):
             v = velocity(load(folder, dtype=torch.float32, device=device, blocks=blocks).transformer)
             diff = float((v - base).abs().max())
-            c.check(f"blocks={blocks} vs lazy", diff <= 1e-5, f"max |diff| {diff:.2g}")
+            c.check(f"blocks={blocks} vs the default (lazy)", diff <= 1e-5, f"max |diff| {diff:.2g}")
         for quantize in ("int8", "int8-dynamic", "float8"):
             model = load(folder, dtype=torch.float32, device=device, quantize=quantize).transformer
             v = velocity(model)

@@ -122,6 +122,32 @@ def _read_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+_MADVISE = {"drop": 4, "populate": 22}  # Linux MADV_DONTNEED, MADV_POPULATE_READ (kernel 5.14+)
+
+
+def advise_mapped(tensors: Iterable[torch.Tensor], advice: str) -> None:
+    """Tell the kernel about the whole pages inside memory-mapped checkpoint tensors (Linux; a no-op elsewhere).
+
+    "drop" unmaps them from this process: they stay in the page cache (shared, reclaimable, not this process's
+    resident memory) and the next use maps them again from there, or re-reads the file if the cache let them go.
+    That is only right for read-only file mappings, which is all this is ever given: anonymous memory would be
+    zeroed. "populate" maps them now (from another thread, so the thread using them next does not fault).
+    """
+    import sys
+
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for t in tensors:
+        start = -(-t.data_ptr() // page) * page  # only pages wholly inside the tensor: neighbours keep theirs
+        end = (t.data_ptr() + t.nbytes) // page * page
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADVISE[advice])
+
+
 class TensorSpan:
     """Where a stored tensor's bytes lie: its file, dtype, shape and absolute byte offset."""
 

@@ -403,7 +403,7 @@ def load_quantized(path: str | os.PathLike, activations: str | None = None,
             _copy_float_parameters(module, dtype)
         # int8 / float8 weights are used as stored (mapped, like blocks="memory"); the float parts are copied
         model.block_weights = BlockWeights(units, blocks, blocks_of(cfg),
-                                           lambda block: _copy_float_parameters(block, dtype), mapped=blocks == "lazy")
+                                           lambda block: _copy_float_parameters(block, dtype), mapped=True)
     return model.eval()
 
 

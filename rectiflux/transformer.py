@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from .checkpoint import (
     CheckpointError,
     TensorSpan,
+    advise_mapped,
     check_fits,
     load_into,
     parse_dtype,
@@ -699,6 +700,12 @@ class CheckpointUnits:
         return {k[strip:]: self._mapped[self.stored[k]] if mapped and k in self.stored
                 else read_rows(self.parts[k]).view(self.shape(k)) for k in self.units.get(unit, [])}
 
+    def mapped_tensors(self, unit: str) -> list[Tensor]:
+        """The memory-mapped views `read(unit, mapped=True)` hands out (none before the first such read)."""
+        if self._mapped is None:
+            return []
+        return [self._mapped[self.stored[k]] for k in self.units.get(unit, []) if k in self.stored]
+
 
 def _return_freed_blocks_to_the_system() -> None:
     """Make glibc give every freed tensor of 1 MiB or more straight back to the system (streaming only).
@@ -723,6 +730,9 @@ class BlockWeights:
     as a memory-mapped file would; "stream" frees each block after it ran, so peak memory is about two blocks
     plus the activations and the small float parts, for machines that cannot hold the model. While a streamed
     block, or a lazy one on a GPU, runs, the next one is read by a background thread (file reads release the GIL).
+    With `mapped`, blocks on the CPU use the tensors they keep as stored straight from the memory-mapped file; a
+    streamed block then gives its pages back to the page cache after it ran (`advise_mapped`) and the background
+    thread maps the next block's pages in advance, which costs page-table work instead of a copy of every weight.
     `prepare(block)` runs on each block right after it was read (casting, quantisation, attention dtype).
     """
 
@@ -755,20 +765,29 @@ class BlockWeights:
         # the copy (benchmarks.bench on an H100, FLUX.1-dev-sized in bfloat16: 17.8 GiB peak RSS mapped,
         # diffusers 10.7 GiB), and where reading the next block while this one runs hides the reads.
         on_cpu = torch.device(device).type == "cpu"
-        state = {k: v.to(device) for k, v in self._read(name, self.mapped and on_cpu).items()}
+        mapped = self.mapped and on_cpu
+        state = {k: v.to(device) for k, v in self._read(name, mapped).items()}
         if not on_cpu and self.reader is None:
             self.reader = ThreadPoolExecutor(1, thread_name_prefix="rectiflux-blocks")
         upcoming = self.next[name]
         if self.reader is not None and self.pending is None and upcoming not in self.loaded:
-            self.pending = (upcoming, self.reader.submit(self.units.read, upcoming))
+            self.pending = (upcoming, self.reader.submit(self._read_ahead, upcoming, mapped))
         load_into(block, state, None, f"{self.units.what} ({name})")
         if self.prepare is not None:
             self.prepare(block)
         self.loaded.add(name)
 
+    def _read_ahead(self, name: str, mapped: bool) -> dict[str, Tensor]:
+        state = self.units.read(name, mapped=mapped)
+        if mapped:
+            advise_mapped(self.units.mapped_tensors(name), "populate")
+        return state
+
     def after(self, name: str, block: nn.Module) -> None:
         if self.mode == "stream" and name in self.next:
             block.to_empty(device="meta")  # drops the weights; the next call reads them again
+            if self.mapped:  # harmless if the block ran elsewhere: its mapped pages were then never touched
+                advise_mapped(self.units.mapped_tensors(name), "drop")
             self.loaded.discard(name)
 
 
@@ -820,7 +839,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
                 prepare(block)
 
         weights = BlockWeights(units, "stream" if blocks == "stream" else "lazy", on_demand, cast_and_prepare,
-                               mapped=as_stored and blocks == "lazy")
+                               mapped=as_stored)
         if blocks == "memory":  # one block at a time: peak is the rewritten model plus one block as stored
             device_now = model.img_in.weight.device
             for name in on_demand:

@@ -87,6 +87,27 @@ def test_lazy_blocks_map_only_on_the_cpu_and_read_ahead_elsewhere(dev_like, devi
     assert [c for c in calls if c[0] == "double_blocks.1"] == [("double_blocks.1", device == "cpu")]
 
 
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_streamed_blocks_on_the_cpu_use_the_mapped_file_and_give_its_pages_back(dev_like, layout, monkeypatch):
+    import rectiflux.transformer as transformer_module
+
+    ref, folder, bfl = dev_like
+    model = load_transformer(folder if layout == "diffusers" else bfl, blocks="stream")
+    weights = model.block_weights
+    advised = []
+    monkeypatch.setattr(transformer_module, "advise_mapped",
+                        lambda tensors, advice: advised.append((advice, {t.data_ptr() for t in tensors})))
+    inputs = make_inputs(ref)
+    assert rel_err(ours_forward(model, inputs), diffusers_forward(ref, inputs)) < 1e-5
+    if weights.pending is not None:
+        weights.pending[1].result()
+    names = list(weights.next)
+    views = {name: {t.data_ptr() for t in weights.units.mapped_tensors(name)} for name in names}
+    assert all(views.values())  # every block has tensors used as stored (in the diffusers layout, not q/k/v)
+    assert [a for a in advised if a[0] == "drop"] == [("drop", views[name]) for name in names]
+    assert [a for a in advised if a[0] == "populate"] == [("populate", views[name]) for name in [*names[1:], names[0]]]
+
+
 @pytest.mark.parametrize("blocks", ["lazy", "stream"])
 def test_mismatched_checkpoint_is_refused_at_load(tmp_path, dev_like, blocks):
     _, _, bfl = dev_like

@@ -1,10 +1,12 @@
 """Generic checkpoint I/O: plain reads equal the safetensors library's, bad files are refused in one line."""
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rectiflux.checkpoint import CheckpointError, read_state_dict, save_state_dict
+from rectiflux.checkpoint import CheckpointError, advise_mapped, read_state_dict, save_state_dict
 
 
 def test_plain_reads_equal_safetensors_and_are_aligned(tmp_path):
@@ -37,3 +39,31 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no .safetensors"):
         read_state_dict(tmp_path / "empty")
+
+
+def resident_kib(file) -> int:
+    """This process's resident memory in the mappings of `file`, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(file)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise on file mappings is Linux's")
+def test_dropped_mapped_pages_leave_this_process_and_come_back_unchanged(tmp_path):
+    file = tmp_path / "w.safetensors"
+    weight = torch.randn(1024, 1024)  # 4 MiB
+    save_file({"small": torch.randn(3), "weight": weight}, file)
+    mapped = read_state_dict(file)["weight"]
+    assert torch.equal(mapped, weight)  # touches every page
+    assert resident_kib(file) >= 4000
+    advise_mapped([mapped], "drop")
+    assert resident_kib(file) < 100  # at most the pages the tensor shares with the header and its neighbour
+    assert torch.equal(mapped, weight)  # mapped again, from the page cache
+    advise_mapped([mapped], "drop")
+    advise_mapped([mapped], "populate")
+    assert resident_kib(file) >= 4000

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -123,6 +124,8 @@ def _read_tensors(file: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 
 
 _MADVISE = {"drop": 4, "populate": 22}  # Linux MADV_DONTNEED, MADV_POPULATE_READ (kernel 5.14+)
+# Where "drop" really gives mapped pages back. Elsewhere a streamed model copies its blocks out of the file instead.
+CAN_DROP_MAPPED_PAGES = sys.platform == "linux"
 
 
 def advise_mapped(tensors: Iterable[torch.Tensor], advice: str) -> None:
@@ -133,9 +136,7 @@ def advise_mapped(tensors: Iterable[torch.Tensor], advice: str) -> None:
     That is only right for read-only file mappings, which is all this is ever given: anonymous memory would be
     zeroed. "populate" maps them now (from another thread, so the thread using them next does not fault).
     """
-    import sys
-
-    if sys.platform != "linux":
+    if not CAN_DROP_MAPPED_PAGES:
         return
     import ctypes
 

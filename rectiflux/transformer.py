@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from .checkpoint import (
+    CAN_DROP_MAPPED_PAGES,
     CheckpointError,
     TensorSpan,
     advise_mapped,
@@ -740,6 +741,8 @@ class BlockWeights:
                  prepare: Callable[[nn.Module], None] | None = None, mapped: bool = False):
         if mode not in ("lazy", "stream"):
             raise ValueError(f"unknown blocks mode {mode!r}; use 'memory', 'lazy' or 'stream'")
+        # a streamed block may only use the mapped file where its pages can be given back after it ran
+        mapped = mapped and (mode == "lazy" or CAN_DROP_MAPPED_PAGES)
         self.units, self.mode, self.prepare, self.mapped = units, mode, prepare, mapped
         self.next = dict(zip(order, [*order[1:], order[0]], strict=True)) if order else {}
         self.loaded: set[str] = set()

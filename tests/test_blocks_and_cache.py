@@ -108,6 +108,22 @@ def test_streamed_blocks_on_the_cpu_use_the_mapped_file_and_give_its_pages_back(
     assert [a for a in advised if a[0] == "populate"] == [("populate", views[name]) for name in [*names[1:], names[0]]]
 
 
+def test_streamed_blocks_are_copied_where_mapped_pages_cannot_be_given_back(dev_like, monkeypatch):
+    import rectiflux.transformer as transformer_module
+
+    ref, _, bfl = dev_like
+    monkeypatch.setattr(transformer_module, "CAN_DROP_MAPPED_PAGES", False)  # as on macOS or Windows
+    model = load_transformer(bfl, blocks="stream")
+    reads = []
+    read = model.block_weights.units.read
+    monkeypatch.setattr(model.block_weights.units, "read", lambda unit, mapped=False: reads.append(mapped) or
+                        read(unit, mapped=mapped))
+    inputs = make_inputs(ref)
+    assert rel_err(ours_forward(model, inputs), diffusers_forward(ref, inputs)) < 1e-5
+    assert reads and not any(reads)
+    assert load_transformer(bfl, blocks="lazy").block_weights.mapped  # a lazy model keeps its pages anyway
+
+
 @pytest.mark.parametrize("blocks", ["lazy", "stream"])
 def test_mismatched_checkpoint_is_refused_at_load(tmp_path, dev_like, blocks):
     _, _, bfl = dev_like

@@ -28,6 +28,7 @@ from .checkpoint import (
     write_json,
 )
 from .sampler import Generators, draw_noise
+from .threads import threads_for
 
 BFL_PREFIXES = ("first_stage_model.", "vae.", "ae.")  # how single-file bundles nest the autoencoder
 
@@ -230,11 +231,18 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Images in [-1, 1], (B, C, H, W) -> posterior over unscaled latents (B, latent, H/f, W/f)."""
-        return DiagonalGaussian(self.encoder(x))
+        with threads_for(self._work(x.shape[0], x.shape[-2] * x.shape[-1]), x.device):
+            return DiagonalGaussian(self.encoder(x))
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents -> images in about [-1, 1]."""
-        return self.decoder(z)
+        f = 2 ** (len(self.config.block_out_channels) - 1)
+        with threads_for(self._work(z.shape[0], z.shape[-2] * z.shape[-1] * f * f), z.device):
+            return self.decoder(z)
+
+    def _work(self, batch: int, pixels: int) -> int:
+        """Multiply-adds of one 3x3 convolution at full resolution (see threads.threads_for)."""
+        return batch * pixels * self.config.block_out_channels[0] ** 2 * 9
 
     def scale_latents(self, z: Tensor) -> Tensor:
         """VAE latents -> the unit-variance latents the transformer works in."""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import CLIPTokenizerFast, T5TokenizerFast
 
 from .checkpoint import CheckpointError, load_into, parse_dtype, read_json, read_state_dict
+from .threads import threads_for
 
 SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 MAX_T5_LENGTH = 512  # T5's relative positions were trained up to this length; diffusers refuses more too
@@ -385,12 +386,14 @@ class TextEncoders:
             prompts, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
-        pooled = self.clip(clip_ids.to(self.clip.device))[1]
+        with threads_for(clip_ids.numel() * self.clip.config.hidden_size ** 2, self.clip.device):
+            pooled = self.clip(clip_ids.to(self.clip.device))[1]
         t5_ids = self.t5_tokenizer(
             prompts_2, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         ).input_ids
         # No attention mask, as in FLUX: the padding tokens' states are part of the conditioning.
-        embeds = self.t5(t5_ids.to(self.t5.device))
+        with threads_for(t5_ids.numel() * self.t5.config.d_model ** 2, self.t5.device):
+            embeds = self.t5(t5_ids.to(self.t5.device))
         # Cast like diffusers does (T5 keeps some layers in float32 when loaded in float16).
         pooled, embeds = pooled.to(self.clip.dtype), embeds.to(self.t5.dtype)
         return (

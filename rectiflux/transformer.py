@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from .checkpoint import (
     weight_files,
     write_json,
 )
+from .threads import threads_for
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
@@ -127,30 +127,6 @@ class FluxConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # pure functions
-
-SMALL_WORK = 1 << 16  # activation elements (tokens x hidden) below which one CPU thread is faster, see below
-
-
-@contextmanager
-def threads_for(elements: int, device: torch.device) -> Iterator[None]:
-    """Run a transformer call on one CPU thread when its activations are tiny and OpenMP threads sleep when idle.
-
-    With OMP_WAIT_POLICY=PASSIVE (what a machine shared with other work needs) every parallel region wakes its
-    threads from sleep, some 50-100 us, which on the embedded shapes model (hidden 128, 36 tokens) is most of
-    the work: 14 ms per step on 2 threads, 7 ms on one; still 29 against 19 ms at 276 tokens, and 65 against
-    83 ms the other way at 1044. With spinning threads (the default policy) two threads win at every size.
-    """
-    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-    threads = torch.get_num_threads()
-    if not passive or threads == 1 or device.type != "cpu" or elements >= SMALL_WORK:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding [cos | sin] of t (already scaled to [0, 1000]); computed in float32."""
@@ -486,8 +462,8 @@ class Flux(nn.Module):
         """
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
-        elements = img.shape[0] * (img.shape[1] + txt.shape[1]) * self.config.hidden_size
-        with threads_for(elements, self.img_in.weight.device):
+        h = self.config.hidden_size
+        with threads_for(img.shape[0] * (img.shape[1] + txt.shape[1]) * h * h, self.img_in.weight.device):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, pe, cache)
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,

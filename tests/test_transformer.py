@@ -16,7 +16,6 @@ from rectiflux.transformer import (
     load_transformer,
     rope,
     save_transformer,
-    threads_for,
     timestep_embedding,
 )
 
@@ -286,29 +285,3 @@ def test_config_round_trips_through_diffusers_dict():
                      joint_attention_dim=40, pooled_projection_dim=24, guidance_embed=False)
     assert FluxConfig.from_diffusers(json.loads(json.dumps(cfg.to_diffusers()))) == cfg
 
-
-def test_tiny_calls_run_on_one_thread_only_when_openmp_threads_sleep(monkeypatch):
-    cpu = torch.device("cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = {}
-        for policy in ("PASSIVE", "ACTIVE", None):
-            if policy is None:
-                monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-            else:
-                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
-            for elements in (1000, 1 << 20):
-                with threads_for(elements, cpu):
-                    seen[policy, elements] = torch.get_num_threads()
-                assert torch.get_num_threads() == 2
-        assert seen == {("PASSIVE", 1000): 1, ("PASSIVE", 1 << 20): 2, ("ACTIVE", 1000): 2, ("ACTIVE", 1 << 20): 2,
-                        (None, 1000): 2, (None, 1 << 20): 2}
-        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-        with pytest.raises(RuntimeError), threads_for(10, cpu):
-            raise RuntimeError("a failing call")
-        assert torch.get_num_threads() == 2  # restored
-        with threads_for(10, torch.device("meta")):
-            assert torch.get_num_threads() == 2  # other devices are not the CPU's threads' business
-    finally:
-        torch.set_num_threads(before)

@@ -47,6 +47,11 @@ class AutoEncoderConfig:
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
 
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (diffusers' vae_scale_factor): one halving per level but the last."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_diffusers(cls, cfg: Mapping[str, Any]) -> AutoEncoderConfig:
         """Read a diffusers `AutoencoderKL` config.json, refusing the variants this module does not build."""
@@ -236,7 +241,7 @@ class AutoEncoder(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents -> images in about [-1, 1]."""
-        f = 2 ** (len(self.config.block_out_channels) - 1)
+        f = self.config.downscale
         with threads_for(self._work(z.shape[0], z.shape[-2] * z.shape[-1] * f * f), z.device):
             return self.decoder(z)
 

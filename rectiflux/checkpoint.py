@@ -6,6 +6,8 @@ diffusers / Black Forest Labs layouts; this module only knows files, folders and
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import os
 import sys
@@ -128,25 +130,57 @@ _MADVISE = {"drop": 4, "populate": 22}  # Linux MADV_DONTNEED, MADV_POPULATE_REA
 CAN_DROP_MAPPED_PAGES = sys.platform == "linux"
 
 
+def file_backed(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether the bytes of every non-empty tensor lie in a mapping of a file (Linux's /proc/self/maps).
+
+    `read_state_dict` maps files through safetensors; this checks that it really did before any page of them is
+    given back (`advise_mapped`), so a safetensors that one day copied instead could not have its data zeroed.
+    """
+    if not CAN_DROP_MAPPED_PAGES:
+        return False
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):  # a path: a file, not the heap or anonymous memory
+                lo, hi = fields[0].split("-")
+                spans.append((int(lo, 16), int(hi, 16)))
+    spans.sort()
+    starts = [lo for lo, _ in spans]
+    for t in tensors:
+        if t.nbytes:
+            i = bisect.bisect_right(starts, t.data_ptr()) - 1
+            if i < 0 or t.data_ptr() + t.nbytes > spans[i][1]:
+                return False
+    return True
+
+
+@functools.cache
+def _libc():  # loaded once: a block's pages are advised twice per denoising step
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def advise_mapped(tensors: Iterable[torch.Tensor], advice: str) -> None:
     """Tell the kernel about the whole pages inside memory-mapped checkpoint tensors (Linux; a no-op elsewhere).
 
     "drop" unmaps them from this process: they stay in the page cache (shared, reclaimable, not this process's
     resident memory) and the next use maps them again from there, or re-reads the file if the cache let them go.
-    That is only right for read-only file mappings, which is all this is ever given: anonymous memory would be
-    zeroed. "populate" maps them now (from another thread, so the thread using them next does not fault).
+    That is only right for read-only file mappings (anonymous memory would be zeroed): callers pass only tensors
+    `file_backed` accepted. "populate" maps them now (from another thread, so the thread using them next does not
+    fault).
     """
     if not CAN_DROP_MAPPED_PAGES:
         return
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
     for t in tensors:
         start = -(-t.data_ptr() // page) * page  # only pages wholly inside the tensor: neighbours keep theirs
         end = (t.data_ptr() + t.nbytes) // page * page
         if end > start:
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADVISE[advice])
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADVISE[advice])
 
 
 class TensorSpan:

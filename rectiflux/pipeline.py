@@ -67,7 +67,7 @@ class FluxPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+        return self.autoencoder.config.downscale
 
     @property
     def device(self) -> torch.device:

@@ -26,6 +26,7 @@ from .checkpoint import (
     TensorSpan,
     advise_mapped,
     check_fits,
+    file_backed,
     load_into,
     parse_dtype,
     read_json,
@@ -659,6 +660,7 @@ class CheckpointUnits:
     def __init__(self, path: Path, cfg: FluxConfig, diffusers_layout: bool, what: str):
         self.path, self.what = path, what
         self._mapped: dict[str, Tensor] | None = None
+        self._droppable = False  # whether _mapped really is file mappings, whose pages can be given back
         spans = read_spans(path)
         self.parts: dict[str, list[tuple[TensorSpan, int, int]]] = {}
         self.stored: dict[str, str] = {}  # our name -> stored name, for tensors used exactly as stored
@@ -704,13 +706,15 @@ class CheckpointUnits:
         """
         if mapped and self._mapped is None:
             self._mapped = read_state_dict(self.path)  # maps the files; reads no weight
+            self._droppable = file_backed(self._mapped.values())
         strip = len(unit) + 1
         return {k[strip:]: self._mapped[self.stored[k]] if mapped and k in self.stored
                 else read_rows(self.parts[k]).view(self.shape(k)) for k in self.units.get(unit, [])}
 
     def mapped_tensors(self, unit: str) -> list[Tensor]:
-        """The memory-mapped views `read(unit, mapped=True)` hands out (none before the first such read)."""
-        if self._mapped is None:
+        """The memory-mapped views `read(unit, mapped=True)` hands out, whose pages can be given back and mapped
+        ahead (`advise_mapped`); none before the first such read, or if the files were not really mapped."""
+        if not self._droppable:
             return []
         return [self._mapped[self.stored[k]] for k in self.units.get(unit, []) if k in self.stored]
 

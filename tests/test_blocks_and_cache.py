@@ -108,6 +108,19 @@ def test_streamed_blocks_on_the_cpu_use_the_mapped_file_and_give_its_pages_back(
     assert [a for a in advised if a[0] == "populate"] == [("populate", views[name]) for name in [*names[1:], names[0]]]
 
 
+def test_pages_are_never_given_back_unless_the_tensors_are_really_file_mappings(dev_like, monkeypatch):
+    import rectiflux.transformer as transformer_module
+
+    ref, _, bfl = dev_like
+    monkeypatch.setattr(transformer_module, "file_backed", lambda tensors: False)  # as if safetensors had copied
+    model = load_transformer(bfl, blocks="stream")
+    advised = []
+    monkeypatch.setattr(transformer_module, "advise_mapped", lambda tensors, advice: advised.extend(tensors))
+    inputs = make_inputs(ref)
+    assert rel_err(ours_forward(model, inputs), diffusers_forward(ref, inputs)) < 1e-5
+    assert advised == [] and model.block_weights.units.mapped_tensors("double_blocks.0") == []
+
+
 def test_streamed_blocks_are_copied_where_mapped_pages_cannot_be_given_back(dev_like, monkeypatch):
     import rectiflux.transformer as transformer_module
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rectiflux.checkpoint import CheckpointError, advise_mapped, read_state_dict, save_state_dict
+from rectiflux.checkpoint import CheckpointError, advise_mapped, file_backed, read_state_dict, save_state_dict
 
 
 def test_plain_reads_equal_safetensors_and_are_aligned(tmp_path):
@@ -59,6 +59,7 @@ def test_dropped_mapped_pages_leave_this_process_and_come_back_unchanged(tmp_pat
     weight = torch.randn(1024, 1024)  # 4 MiB
     save_file({"small": torch.randn(3), "weight": weight}, file)
     mapped = read_state_dict(file)["weight"]
+    assert file_backed([mapped]) and not file_backed([mapped, weight]) and not file_backed([weight.clone()])
     assert torch.equal(mapped, weight)  # touches every page
     assert resident_kib(file) >= 4000
     advise_mapped([mapped], "drop")

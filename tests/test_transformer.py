@@ -284,4 +284,3 @@ def test_config_round_trips_through_diffusers_dict():
     cfg = FluxConfig(in_channels=12, num_heads=3, head_dim=16, depth=2, depth_single=5, axes_dim=(4, 6, 6),
                      joint_attention_dim=40, pooled_projection_dim=24, guidance_embed=False)
     assert FluxConfig.from_diffusers(json.loads(json.dumps(cfg.to_diffusers()))) == cfg
-

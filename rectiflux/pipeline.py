@@ -19,6 +19,7 @@ from torch import Tensor
 from . import images as im
 from .autoencoder import AutoEncoder, load_autoencoder
 from .checkpoint import CheckpointError, parse_dtype, read_json
+from .heap import released_after
 from .sampler import (
     Generators,
     SchedulerConfig,
@@ -86,6 +87,7 @@ class FluxPipeline:
         return self
 
     # ------------------------------------------------------------------------------------------------------------
+    @released_after
     @torch.no_grad()
     def __call__(
         self,

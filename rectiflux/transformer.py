@@ -39,6 +39,7 @@ from .checkpoint import (
     weight_files,
     write_json,
 )
+from .heap import keep_freed_memory, return_freed_memory_to_the_system
 from .threads import threads_for
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -202,6 +203,13 @@ def rotate_joint(streams: list[Tensor], rotations: Tensor) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: layer norm without its own affine, then `(1 + scale) * x + shift` from the conditioning vector.
+
+    For a single image the modulation is one value per channel, which is layer_norm's own affine: one pass over
+    x instead of two.
+    """
+    if x.shape[0] == 1 and shift.shape[0] == 1:
+        return F.layer_norm(x, x.shape[-1:], (1 + scale).flatten(), shift.flatten(), eps=1e-6)
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale)
 
 
@@ -464,7 +472,9 @@ class Flux(nn.Module):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
         h = self.config.hidden_size
-        with threads_for(img.shape[0] * (img.shape[1] + txt.shape[1]) * h * h, self.img_in.weight.device):
+        device = self.img_in.weight.device
+        keep_freed_memory(device)
+        with threads_for(img.shape[0] * (img.shape[1] + txt.shape[1]) * h * h, device):
             return self._forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, pe, cache)
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
@@ -719,22 +729,6 @@ class CheckpointUnits:
         return [self._mapped[self.stored[k]] for k in self.units.get(unit, []) if k in self.stored]
 
 
-def _return_freed_blocks_to_the_system() -> None:
-    """Make glibc give every freed tensor of 1 MiB or more straight back to the system (streaming only).
-
-    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which such
-    tensors come from the heap, which it does not shrink: streaming FLUX.1-dev-sized int8 blocks then peaked at
-    3.96 GiB resident instead of 1.39 GiB with the threshold pinned (same speed; benchmarks/dev8bit.py). Pinning it
-    is process-wide, which is what a user who streams to save memory asks for; elsewhere it does nothing.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 class BlockWeights:
     """Reads a transformer's blocks from disk when they are first needed ("lazy") or each time ("stream").
 
@@ -761,7 +755,7 @@ class BlockWeights:
         self.reader = None
         if mode == "stream":
             self.reader = ThreadPoolExecutor(1, thread_name_prefix="rectiflux-blocks")
-            _return_freed_blocks_to_the_system()
+            return_freed_memory_to_the_system()
 
     def _read(self, name: str, mapped: bool) -> dict[str, Tensor]:
         if self.pending is not None and self.pending[0] == name:

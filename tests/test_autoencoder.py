@@ -11,6 +11,7 @@ from rectiflux.autoencoder import (
     AutoEncoder,
     AutoEncoderConfig,
     DiagonalGaussian,
+    from_diffusers,
     load_autoencoder,
     save_autoencoder,
     to_diffusers,
@@ -218,3 +219,21 @@ def test_flux_size_layout_matches_diffusers():
     flux = (theirs.config.scaling_factor, theirs.config.shift_factor, theirs.config.latent_channels)
     assert flux == (0.3611, 0.1159, 16)  # the values in flux-facts
     assert AutoEncoderConfig.from_shapes({k: tuple(v.shape) for k, v in ours.state_dict().items()}) == cfg
+
+
+def test_inference_layout_and_in_place_ops_change_nothing():
+    """encode/decode convolve channels-last activations and work in place without gradients; the weights keep
+    their layout (a state dict safetensors can save) and the results are those of the plain graph."""
+    kw = dict(CASES["two-levels"])
+    size = kw.pop("size")
+    vae = make_vae(1, **kw)
+    ours = AutoEncoder(AutoEncoderConfig(**{k: v for k, v in vae.config.items() if k in kw}))
+    ours.load_state_dict(from_diffusers(vae.state_dict(), ours.config))
+    x, z = images(vae, size), latents(vae, size)
+    with torch.no_grad():
+        fast_pixels, fast_mean = ours.decode(z), ours.encode(x).mean
+    plain_pixels, plain_mean = ours.decoder(z), ours.encoder(x).chunk(2, dim=1)[0]  # with autograd: no fast path
+    assert plain_pixels.requires_grad
+    assert fast_pixels.is_contiguous()
+    assert rel(fast_pixels, plain_pixels) < 1e-5 and rel(fast_mean, plain_mean) < 1e-5
+    assert all(t.is_contiguous() for t in ours.state_dict().values())

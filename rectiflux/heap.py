@@ -1,0 +1,98 @@
+"""How the CPU heap treats activations: freed ones are reused instead of fresh pages (glibc).
+
+glibc serves every allocation above its mmap threshold (at most 32 MiB once it has adapted) with a fresh mapping,
+unmaps it on free, and trims the top of the heap whenever it exceeds its trim threshold. Each transformer block
+then writes its activations into zero-filled pages again: about a gigabyte of page faults per step on the medium
+benchmark config (`python -m benchmarks.heap`, docs/bench-heap.md). From the first CPU model call on, both
+thresholds are raised, so freed activations stay in the heap for the next block and step; the pipeline hands the
+heap's free memory back to the system at the end of every generation (`release`), so a process holds no more
+between images than it did before. A streamed model pins the threshold low instead, for the whole process.
+RECTIFLUX_KEEP_FREED_MEMORY=0 in the environment leaves glibc's thresholds alone (an application that tunes its
+own allocator).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STREAMING_MMAP_THRESHOLD, STREAMING_TRIM_THRESHOLD = 1 << 20, 64 << 20
+_KEEP = 2**31 - 1  # mallopt takes an int: larger than any one activation, so "never"
+
+F = TypeVar("F", bound=Callable)
+
+_lock = threading.Lock()
+_mode: str | None = None  # None (glibc's own dynamic thresholds), "keep" or "stream"
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - other C libraries lack them
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _set(mode: str, mmap_threshold: int, trim_threshold: int) -> None:
+    global _mode
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    _mode = mode
+
+
+def keep_freed_memory(device: torch.device | str) -> None:
+    """Before a model call on `device`: on the CPU, from now on keep freed memory in the heap for reuse.
+
+    Process-wide (glibc has one heap) and idempotent; nothing happens off the CPU, without glibc, once a streamed
+    model pinned the threshold low, or with RECTIFLUX_KEEP_FREED_MEMORY=0.
+    """
+    if (_mode is None and torch.device(device).type == "cpu" and _glibc() is not None
+            and os.environ.get("RECTIFLUX_KEEP_FREED_MEMORY", "1") != "0"):
+        with _lock:
+            if _mode is None:
+                _set("keep", _KEEP, _KEEP)
+
+
+def release() -> None:
+    """Hand the heap's free memory back to the system (the end of a generation)."""
+    if _mode == "keep":
+        _glibc().malloc_trim(0)
+
+
+def released_after(fn: F) -> F:
+    """Decorate a whole generation: `release` once it returned or raised."""
+    @functools.wraps(fn)
+    def generation(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release()
+    return generation  # type: ignore[return-value]
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Make glibc give every freed block of 1 MiB or more straight back to the system, for the rest of the process.
+
+    For streamed transformer blocks: with glibc's dynamic threshold freed block weights stayed in the heap, which
+    it does not shrink, and streaming FLUX.1-dev-sized int8 blocks peaked at 3.96 GiB resident instead of 1.39 GiB
+    with the threshold pinned (same speed; benchmarks/dev8bit.py).
+    """
+    with _lock:
+        was_keeping = _mode == "keep"
+        _set("stream", STREAMING_MMAP_THRESHOLD, STREAMING_TRIM_THRESHOLD)
+    if was_keeping:
+        _glibc().malloc_trim(0)

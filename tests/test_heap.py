@@ -1,0 +1,84 @@
+"""Freed activations stay in glibc's heap during generation and go back to the system after it.
+
+Each case runs in a fresh interpreter: the thresholds are process-wide and a streamed model pins them for good.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+
+PRELUDE = """
+import resource, torch
+import rectiflux.heap as heap
+
+def faults_of_a_fresh_64_mib_tensor():
+    torch.empty(16 << 20).fill_(1.0)  # allocated and freed once before
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+"""
+
+
+def run(body: str, **env: str) -> str:
+    script = PRELUDE + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_freed_memory_is_reused_and_released():
+    out = run("""
+        glibc = faults_of_a_fresh_64_mib_tensor()  # above the mmap threshold: fresh zero pages every time
+        heap.keep_freed_memory("cpu")
+        kept = faults_of_a_fresh_64_mib_tensor()
+        held = resident_mib()
+        heap.release()
+        print(glibc, kept, held - resident_mib())
+    """)
+    glibc, kept, released = out.split()
+    assert int(glibc) > 10_000 and int(kept) < 100  # 16384 pages of 4 KiB, or none
+    assert float(released) > 50  # the freed 64 MiB left the process
+
+
+def test_streaming_pins_the_threshold_and_the_switch_turns_it_off():
+    out = run("""
+        heap.keep_freed_memory("cpu")
+        heap.return_freed_memory_to_the_system()
+        heap.keep_freed_memory("cpu")  # too late: the streamed model's choice stands
+        print(faults_of_a_fresh_64_mib_tensor())
+    """)
+    assert int(out) > 10_000
+    assert int(run("""
+        heap.keep_freed_memory("cpu")
+        print(faults_of_a_fresh_64_mib_tensor())
+    """, RECTIFLUX_KEEP_FREED_MEMORY="0")) > 10_000
+    assert int(run("""
+        heap.keep_freed_memory("meta")
+        print(faults_of_a_fresh_64_mib_tensor())
+    """)) > 10_000
+
+
+def test_a_generation_keeps_then_releases():
+    out = run("""
+        import rectiflux
+        pipe = rectiflux.load()
+        calls = []
+        release = heap.release
+        heap.release = lambda: (calls.append(heap._mode), release())
+        pipe("a red circle", seed=0, num_inference_steps=2)
+        try:
+            pipe("a red circle", seed=0, num_inference_steps=2, height=12)
+        except ValueError:
+            pass
+        print(" ".join(calls))
+    """)
+    assert out == "keep keep"  # the transformer call switched it on; both generations released, the failed too

@@ -7,8 +7,11 @@ benchmark config (`python -m benchmarks.heap`, docs/bench-heap.md). From the fir
 thresholds are raised, so freed activations stay in the heap for the next block and step; the pipeline hands the
 heap's free memory back to the system at the end of every generation (`release`), so a process holds no more
 between images than it did before. A streamed model pins the threshold low instead, for the whole process.
-RECTIFLUX_KEEP_FREED_MEMORY=0 in the environment leaves glibc's thresholds alone (an application that tunes its
-own allocator).
+
+torch asks for 64-byte-aligned blocks, and glibc can leave a few freed large blocks unmerged behind the small
+remainders of such requests until the next trim; peak memory measured the same either way (docs/bench-heap.md,
+docs/benchmarks.md). RECTIFLUX_KEEP_FREED_MEMORY=0 in the environment leaves glibc's thresholds alone (for an
+application that tunes its own allocator).
 """
 
 from __future__ import annotations

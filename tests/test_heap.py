@@ -16,10 +16,10 @@ PRELUDE = """
 import resource, torch
 import rectiflux.heap as heap
 
-def faults_of_a_fresh_64_mib_tensor():
-    torch.empty(16 << 20).fill_(1.0)  # allocated and freed once before
+def faults_of_a_fresh_48_mib_tensor():
+    torch.empty(16 << 20).fill_(1.0)  # 64 MiB freed just before: room for it in a heap that kept it
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 << 20).fill_(1.0)
+    torch.empty(12 << 20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 def resident_mib():
@@ -37,15 +37,15 @@ def run(body: str, **env: str) -> str:
 
 def test_freed_memory_is_reused_and_released():
     out = run("""
-        glibc = faults_of_a_fresh_64_mib_tensor()  # above the mmap threshold: fresh zero pages every time
+        glibc = faults_of_a_fresh_48_mib_tensor()  # above the mmap threshold: fresh zero pages every time
         heap.keep_freed_memory("cpu")
-        kept = faults_of_a_fresh_64_mib_tensor()
+        kept = faults_of_a_fresh_48_mib_tensor()
         held = resident_mib()
         heap.release()
         print(glibc, kept, held - resident_mib())
     """)
     glibc, kept, released = out.split()
-    assert int(glibc) > 10_000 and int(kept) < 100  # 16384 pages of 4 KiB, or none
+    assert int(glibc) > 10_000 and int(kept) < 100  # 12288 pages of 4 KiB, or none
     assert float(released) > 50  # the freed 64 MiB left the process
 
 
@@ -54,16 +54,16 @@ def test_streaming_pins_the_threshold_and_the_switch_turns_it_off():
         heap.keep_freed_memory("cpu")
         heap.return_freed_memory_to_the_system()
         heap.keep_freed_memory("cpu")  # too late: the streamed model's choice stands
-        print(faults_of_a_fresh_64_mib_tensor())
+        print(faults_of_a_fresh_48_mib_tensor())
     """)
     assert int(out) > 10_000
     assert int(run("""
         heap.keep_freed_memory("cpu")
-        print(faults_of_a_fresh_64_mib_tensor())
+        print(faults_of_a_fresh_48_mib_tensor())
     """, RECTIFLUX_KEEP_FREED_MEMORY="0")) > 10_000
     assert int(run("""
         heap.keep_freed_memory("meta")
-        print(faults_of_a_fresh_64_mib_tensor())
+        print(faults_of_a_fresh_48_mib_tensor())
     """)) > 10_000
 
 

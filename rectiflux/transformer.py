@@ -39,7 +39,7 @@ from .checkpoint import (
     weight_files,
     write_json,
 )
-from .heap import keep_freed_memory, return_freed_memory_to_the_system
+from .heap import keep_freed_memory, return_freed_memory_to_the_system, weights_in_their_own_mappings
 from .threads import threads_for
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -774,15 +774,16 @@ class BlockWeights:
         # diffusers 10.7 GiB), and where reading the next block while this one runs hides the reads.
         on_cpu = torch.device(device).type == "cpu"
         mapped = self.mapped and on_cpu
-        state = {k: v.to(device) for k, v in self._read(name, mapped).items()}
-        if not on_cpu and self.reader is None:
-            self.reader = ThreadPoolExecutor(1, thread_name_prefix="rectiflux-blocks")
-        upcoming = self.next[name]
-        if self.reader is not None and self.pending is None and upcoming not in self.loaded:
-            self.pending = (upcoming, self.reader.submit(self._read_ahead, upcoming, mapped))
-        load_into(block, state, None, f"{self.units.what} ({name})")
-        if self.prepare is not None:
-            self.prepare(block)
+        with weights_in_their_own_mappings():
+            state = {k: v.to(device) for k, v in self._read(name, mapped).items()}
+            if not on_cpu and self.reader is None:
+                self.reader = ThreadPoolExecutor(1, thread_name_prefix="rectiflux-blocks")
+            upcoming = self.next[name]
+            if self.reader is not None and self.pending is None and upcoming not in self.loaded:
+                self.pending = (upcoming, self.reader.submit(self._read_ahead, upcoming, mapped))
+            load_into(block, state, None, f"{self.units.what} ({name})")
+            if self.prepare is not None:
+                self.prepare(block)
         self.loaded.add(name)
 
     def _read_ahead(self, name: str, mapped: bool) -> dict[str, Tensor]:

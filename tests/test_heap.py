@@ -82,3 +82,27 @@ def test_a_generation_keeps_then_releases():
         print(" ".join(calls))
     """)
     assert out == "keep keep"  # the transformer call switched it on; both generations released, the failed too
+
+
+def test_weights_read_into_a_keeping_heap_take_their_own_mappings():
+    # a quantised block, as read at first use: the float copy is freed once its quantised weights exist
+    out = run("""
+        import contextlib
+        def growth_of_quantising_8_blocks(context):
+            before, kept = resident_mib(), []
+            for _ in range(8):
+                with context():
+                    block = torch.empty(8 << 20).fill_(1.0)  # 32 MiB
+                    kept.append(torch.empty(2 << 20).fill_(1.0))  # 8 MiB that outlive it
+                    del block
+                torch.empty(8 << 20).fill_(1.0)  # the block's activations, in the freed memory
+            return resident_mib() - before
+        heap.keep_freed_memory("cpu")
+        carved = growth_of_quantising_8_blocks(contextlib.nullcontext)
+        own = growth_of_quantising_8_blocks(heap.weights_in_their_own_mappings)
+        print(carved, own, faults_of_a_fresh_48_mib_tensor())
+    """)
+    carved, own, faults = out.split()
+    assert float(carved) > 250  # every block's float copy split by the weights placed in it: fresh memory each time
+    assert float(own) < 160  # 64 MiB of weights and 32 MiB of activations kept for reuse
+    assert int(faults) < 100  # still keeping afterwards

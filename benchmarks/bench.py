@@ -425,13 +425,16 @@ def machine(threads: int, device: str, dtype: str) -> list[str]:
     mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                   if ln.startswith("MemTotal"))
     load = Path("/proc/loadavg").read_text().split()[0]
+    # what decides int8 and bfloat16 speed on a CPU (python -m benchmarks.kernels)
+    flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8") if f in flags]
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "diffusers", "transformers"))
     try:
         accelerate = f"accelerate {metadata.version('accelerate')} (diffusers loads on the meta device)"
     except metadata.PackageNotFoundError:
         accelerate = "no accelerate (diffusers initialises random weights, then loads: slower, twice the memory)"
     return [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {mem_kb / 2**20:.1f} GiB RAM; "
-            f"load average at start {load}",
+            f"load average at start {load}; {' '.join(isa) or 'no AVX2'}",
             f"- {versions}, Python {sys.version.split()[0]}; {accelerate}",
             f"- threads: {threads} (torch.set_num_threads and OMP_NUM_THREADS), OMP_WAIT_POLICY=PASSIVE; "
             f"{dtype} on {device}, both sides"]

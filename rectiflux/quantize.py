@@ -9,7 +9,10 @@ Forward kernels, chosen per call (`QuantizedLinear.kernel_for` says which one a 
 * ``int8pack``: int8 weights on CPU run `aten._weight_int8pack_mm`, which multiplies by the int8 matrix and
   applies the per-channel scale inside the kernel, so no float copy of the weight is ever made;
 * ``int_mm``: with ``activations="int8"`` each token (row of the input) is quantised symmetric to int8 on the
-  fly and `torch._int_mm` computes an exact int32 product, rescaled by the token and channel scales;
+  fly and `torch._int_mm` computes an exact int32 product, rescaled by the token and channel scales. Only where
+  that product is fast: CPUs without int8 dot-product instructions (AVX2 only, no VNNI/AMX) run `_int_mm` some
+  30x slower than a float32 matmul, so there `int8_matmul_is_fast` sends these calls to ``dequant`` and the
+  activations stay float;
 * ``dequant``: everything else (float8 weights, int8 elsewhere than on CPU, shapes `_int_mm` refuses)
   dequantises the weight to float for this call and runs an ordinary matmul.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -77,6 +81,41 @@ except (AttributeError, RuntimeError):
 _INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT8PACK_MAX_ROWS = 8
 _INT_MM = getattr(torch, "_int_mm", None)
+# None: measured on first use (int8_matmul_is_fast); True / False: decided (tests set it)
+INT8_MATMUL_FAST: bool | None = None
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
+def int8_matmul_is_fast() -> bool:
+    """Whether `torch._int_mm` on this CPU beats a float32 matmul of the same shape (measured once per process).
+
+    The int8 x int8 product is only fast with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX). On an
+    AVX2-only CPU torch 2.13 runs a generic kernel (python -m benchmarks.kernels, 2-core AMD EPYC: 4 GFLOP/s
+    against 125 in float32, which made the medium benchmark step 372 s instead of 15 s). Timing the two kernels
+    answers for the CPU at hand, where reading instruction-set flags would have to guess what torch's kernel
+    uses. The probe is a 128 x 1024 @ 1024 x 512 product timed 4 times: a few ms, 0.15 s on a slow CPU.
+    """
+    global INT8_MATMUL_FAST
+    if INT8_MATMUL_FAST is None:
+        if _INT_MM is None:
+            INT8_MATMUL_FAST = False
+        else:
+            g = torch.Generator().manual_seed(0)
+            a, w = torch.randn(128, 1024, generator=g), torch.randn(512, 1024, generator=g)
+            ai, wi = a.to(torch.int8), w.to(torch.int8)
+            with torch.no_grad():
+                INT8_MATMUL_FAST = _median_seconds(lambda: _INT_MM(ai, wi.t())) < _median_seconds(
+                    lambda: F.linear(a, w))
+    return INT8_MATMUL_FAST
 
 
 def _check_format(weights: str, activations: str | None) -> None:
@@ -190,7 +229,8 @@ class QuantizedLinear(nn.Module):
             # torch 2.13 takes any shape, but the same rule keeps the choice identical on every device, and
             # for a handful of rows the weight-only kernel is the better one anyway.
             if (self.activations == "int8" and _INT_MM is not None and x.device.type in ("cpu", "cuda")
-                    and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0):
+                    and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
+                    and (x.device.type == "cuda" or int8_matmul_is_fast())):
                 return "int_mm"
             # _weight_int8pack_mm's time grows with every row (python -m benchmarks.kernels, Xeon with AMX: 8.8 ms
             # for 1 row of a 9216 x 3072 weight against 55.6 ms to dequantise, 115 ms against 61.6 ms for 16), so
@@ -226,7 +266,15 @@ class QuantizedLinear(nn.Module):
                 y = y + self.bias.to(x.dtype)
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = F.linear(x2d, self.dequantized_weight(x.dtype), bias)
+            if torch.is_grad_enabled() or x.dtype != torch.float32:
+                weight = self.dequantized_weight(x.dtype)
+            else:  # into a reused tensor: a fresh one per call faults in every page of it
+                weight = _SCRATCH.get("weight", tuple(self.weight.shape), torch.float32, x.device)
+                if self.weight.dtype == torch.int8:
+                    torch.mul(self.weight, self.weight_scale[:, None], out=weight)
+                else:  # torch does not promote float8 in arithmetic: widen first
+                    weight.copy_(self.weight).mul_(self.weight_scale[:, None])
+            y = F.linear(x2d, weight, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -33,6 +33,12 @@ CFG = FluxConfig(in_channels=16, num_heads=4, head_dim=16, depth=2, depth_single
                  pooled_projection_dim=16, axes_dim=(4, 6, 6), guidance_embed=True)
 
 
+@pytest.fixture(autouse=True)
+def int8_products_on(monkeypatch):
+    """The int8 x int8 kernel is exercised whatever this CPU's speed at it (tests are about results)."""
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", True)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -135,6 +141,43 @@ def test_int8_activations_match_dequantized_inputs_and_weights():
         assert rel(out, expected) < 1e-6
         assert rel(out, lin(x)) < 0.03  # measured 0.9%
         assert rel(out, QuantizedLinear.from_linear(lin, "int8")(x)) < 0.03
+
+
+def test_int8_activations_stay_float_where_int8_products_are_slow(monkeypatch):
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)
+    lin = random_linear()
+    q = QuantizedLinear.from_linear(lin, "int8", activations="int8")
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    assert q.kernel_for(x) == "dequant" and q.kernel_for(x[:4]) == "int8pack"
+    with torch.no_grad():
+        assert rel(q(x), F.linear(x, q.dequantized_weight(), lin.bias)) < 1e-6
+        assert rel(q(x), lin(x)) < 0.02
+
+
+def test_int8_speed_probe_measures_once(monkeypatch):
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", None)
+    calls = []
+    real = quantize._INT_MM
+    monkeypatch.setattr(quantize, "_INT_MM", lambda a, b: calls.append(1) or real(a, b))
+    fast = quantize.int8_matmul_is_fast()
+    assert isinstance(fast, bool) and quantize.INT8_MATMUL_FAST is fast and len(calls) == 4  # warm-up + 3
+    assert quantize.int8_matmul_is_fast() is fast and len(calls) == 4
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", None)
+    monkeypatch.setattr(quantize, "_INT_MM", None)
+    assert quantize.int8_matmul_is_fast() is False
+
+
+def test_dequant_kernel_reuses_one_weight_tensor_without_grad():
+    lin = random_linear()
+    for weights in ("int8", "float8"):
+        q = QuantizedLinear.from_linear(lin, weights)
+        x = torch.randn(40, 64, generator=torch.Generator().manual_seed(6))
+        assert q.kernel_for(x) == "dequant"
+        with torch.no_grad():
+            first = q(x)
+            again = QuantizedLinear.from_linear(random_linear(seed=1), weights)(x)  # overwrites the scratch weight
+            assert torch.equal(q(x), first) and not torch.equal(again, first)
+            assert rel(first, F.linear(x, q.dequantized_weight(), lin.bias)) < 1e-6
 
 
 @pytest.mark.parametrize("rows, k, n", [(16, 64, 48), (4, 64, 48), (40, 60, 48), (40, 64, 44)])

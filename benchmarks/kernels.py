@@ -8,21 +8,15 @@ weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the we
 bfloat16, and what writing into a fresh large tensor costs against writing into an existing one (page faults).
 """
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from rectiflux.quantize import median_seconds
+
 
 def ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of `repeats` calls after a warm-up (the timer rectiflux's int8 probe uses)."""
+    return median_seconds(fn, repeats) * 1e3
 
 
 def gemm_rates(m: int, k: int, n: int) -> list[tuple[str, float]]:

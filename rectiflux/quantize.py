@@ -85,7 +85,8 @@ _INT_MM = getattr(torch, "_int_mm", None)
 INT8_MATMUL_FAST: bool | None = None
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall time of `repeats` calls of `fn` after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -113,7 +114,7 @@ def int8_matmul_is_fast() -> bool:
             a, w = torch.randn(128, 1024, generator=g), torch.randn(512, 1024, generator=g)
             ai, wi = a.to(torch.int8), w.to(torch.int8)
             with torch.no_grad():
-                INT8_MATMUL_FAST = _median_seconds(lambda: _INT_MM(ai, wi.t())) < _median_seconds(
+                INT8_MATMUL_FAST = median_seconds(lambda: _INT_MM(ai, wi.t())) < median_seconds(
                     lambda: F.linear(a, w))
     return INT8_MATMUL_FAST
 

@@ -8,9 +8,12 @@ weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the we
 bfloat16, and what writing into a fresh large tensor costs against writing into an existing one (page faults).
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 
+from rectiflux import quantize
 from rectiflux.quantize import median_seconds
 
 
@@ -38,6 +41,10 @@ def main() -> None:
     print("matrix products (M x K @ K x N), GFLOP/s:")
     for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
         print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
+    start = time.perf_counter()
+    fast = quantize.int8_matmul_is_fast()
+    print(f"int8 speed probe (rectiflux.quantize.int8_matmul_is_fast): {fast}, "
+          f"{(time.perf_counter() - start) * 1e3:.0f} ms")
     print("weight-only int8, 9216 x 3072 weight, ms: packed kernel / dequantise + float32 matmul")
     wi, scale = torch.randint(-127, 128, (9216, 3072), dtype=torch.int8), torch.rand(9216)
     for rows in (1, 8, 16, 256):

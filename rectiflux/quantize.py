@@ -103,7 +103,8 @@ def int8_matmul_is_fast() -> bool:
     AVX2-only CPU torch 2.13 runs a generic kernel (python -m benchmarks.kernels, 2-core AMD EPYC: 4 GFLOP/s
     against 125 in float32, which made the medium benchmark step 372 s instead of 15 s). Timing the two kernels
     answers for the CPU at hand, where reading instruction-set flags would have to guess what torch's kernel
-    uses. The probe is a 128 x 1024 @ 1024 x 512 product timed 4 times: a few ms, 0.15 s on a slow CPU.
+    uses. The probe is a 128 x 1024 @ 1024 x 512 product timed 4 times against its float32 twin
+    (`python -m benchmarks.kernels` prints its answer and time).
     """
     global INT8_MATMUL_FAST
     if INT8_MATMUL_FAST is None:
@@ -269,7 +270,8 @@ class QuantizedLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             if torch.is_grad_enabled() or x.dtype != torch.float32:
                 weight = self.dequantized_weight(x.dtype)
-            else:  # into a reused tensor: a fresh one per call faults in every page of it
+            else:  # into a reused tensor: under a streamed model's pinned heap (rectiflux.heap) a fresh one
+                # per call would fault in every page of it
                 weight = _SCRATCH.get("weight", tuple(self.weight.shape), torch.float32, x.device)
                 if self.weight.dtype == torch.int8:
                     torch.mul(self.weight, self.weight_scale[:, None], out=weight)

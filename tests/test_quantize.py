@@ -175,8 +175,10 @@ def test_dequant_kernel_reuses_one_weight_tensor_without_grad():
         assert q.kernel_for(x) == "dequant"
         with torch.no_grad():
             first = q(x)
+            scratch = quantize._SCRATCH.tensors[("weight", torch.float32, x.device)].data_ptr()
             again = QuantizedLinear.from_linear(random_linear(seed=1), weights)(x)  # overwrites the scratch weight
             assert torch.equal(q(x), first) and not torch.equal(again, first)
+            assert quantize._SCRATCH.tensors[("weight", torch.float32, x.device)].data_ptr() == scratch
             assert rel(first, F.linear(x, q.dequantized_weight(), lin.bias)) < 1e-6
 
 

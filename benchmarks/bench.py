@@ -88,7 +88,7 @@ def build_folder(folder: Path, model: dict, device: str = "cpu", dtype: str = "f
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    from rectiflux.tokenizers import CLIP_MAX_LENGTH, build_t5_tokenizer, write_clip_tokenizer
+    from rectiflux.shapes.tokenizers import CLIP_MAX_LENGTH, build_t5_tokenizer, write_clip_tokenizer
 
     m = dict(model)
     vae_blocks, joint, pooled = m.pop("vae_block_out_channels"), m["joint_attention_dim"], m["pooled_projection_dim"]
@@ -205,7 +205,7 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     device, dtype = cfg.get("device", "cpu"), getattr(torch, cfg.get("dtype", "float32"))
     ours = side != "diffusers"
     if ours:
-        from rectiflux.pipeline import load
+        from rectiflux.pipelines.load import load
     else:
         from diffusers import FluxPipeline
         from diffusers.utils import logging
@@ -340,8 +340,8 @@ def stats(values: list[float]) -> str:
 
 
 def run_config(name: str, args, gemm: float, work: Path, seen: set[str]) -> list[str]:
-    from rectiflux.checkpoint import read_keys_and_shapes
-    from rectiflux.models import model_path
+    from rectiflux.weights.checkpoint import read_keys_and_shapes
+    from rectiflux.weights.sources import model_path
 
     cfg = CONFIGS[name]
     ours = [s for s in args.sides if s != "diffusers"]

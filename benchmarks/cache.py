@@ -57,7 +57,7 @@ def run(name: str, pipe, prompts: list[str], steps: int, size: int | None, thres
 def main(argv: list[str] | None = None) -> int:
     import rectiflux
     from benchmarks.bench import CONFIGS, build_folder, write_report
-    from rectiflux.shapes import eval_scenes
+    from rectiflux.shapes.world import eval_scenes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="shapes,medium")

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging
     from transformers.utils import logging as transformers_logging
 
-    from rectiflux.pipeline import load
-    from rectiflux.quantize import QuantizedLinear
+    from rectiflux.pipelines.load import load
+    from rectiflux.quantize.linear import QuantizedLinear
 
     logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

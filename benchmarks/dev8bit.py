@@ -37,7 +37,7 @@ TOKENS_IMG, TOKENS_TXT = 256, 512  # 256x256 pixels -> 32x32 latents -> 16x16 pa
 
 
 def dev_config():
-    from rectiflux.transformer import FluxConfig
+    from rectiflux.flux.config import FluxConfig
 
     return FluxConfig(in_channels=64, num_heads=24, head_dim=128, depth=19, depth_single=38,
                       joint_attention_dim=4096, pooled_projection_dim=768, guidance_embed=True)
@@ -47,8 +47,10 @@ def write_random_int8(file: Path, seed: int = 0) -> int:
     """A random int8 FLUX.1-dev file, written tensor by tensor in the safetensors format; returns its size."""
     import torch
 
-    from rectiflux.quantize import METADATA_CONFIG, METADATA_FORMAT, SCALE_SUFFIX, quantize_transformer
-    from rectiflux.transformer import Flux, unit_of
+    from rectiflux.flux.transformer import Flux
+    from rectiflux.quantize.files import METADATA_CONFIG, METADATA_FORMAT, SCALE_SUFFIX
+    from rectiflux.quantize.linear import quantize_transformer
+    from rectiflux.weights.layout import unit_of
 
     cfg = dev_config()
     with torch.device("meta"):
@@ -91,7 +93,7 @@ def write_random_int8(file: Path, seed: int = 0) -> int:
 def measure(file: Path, blocks: str, calls: int) -> dict:
     import torch
 
-    from rectiflux.quantize import load_quantized
+    from rectiflux.quantize.files import load_quantized
 
     torch.set_num_threads(os.cpu_count())
     start = time.perf_counter()

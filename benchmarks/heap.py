@@ -32,8 +32,9 @@ SETTINGS = {"kept (default)": "1", "glibc": "0"}
 def measure(vae_folder: Path) -> dict:
     import torch
 
-    from rectiflux.autoencoder import load_autoencoder
-    from rectiflux.transformer import Flux, FluxConfig
+    from rectiflux.flux.config import FluxConfig
+    from rectiflux.flux.transformer import Flux
+    from rectiflux.weights.autoencoder import load_autoencoder
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

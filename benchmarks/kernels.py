@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rectiflux import quantize
-from rectiflux.quantize import median_seconds
+from rectiflux.quantize import linear as quantize
+from rectiflux.quantize.linear import median_seconds
 
 
 def ms(fn, repeats: int = 7) -> float:

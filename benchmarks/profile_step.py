@@ -11,7 +11,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rectiflux.transformer import Flux, FluxConfig
+from rectiflux.flux.config import FluxConfig
+from rectiflux.flux.transformer import Flux
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import rectiflux
-from rectiflux.shapes import eval_scenes
+from rectiflux.shapes.world import eval_scenes
 
 
 def render(pipe) -> np.ndarray:

@@ -42,7 +42,7 @@ def measure() -> dict:
     import torch
 
     import rectiflux
-    from rectiflux import threads
+    from rectiflux.runtime import threads
 
     pipe = rectiflux.load()
     tr, cfg = pipe.transformer, pipe.transformer.config

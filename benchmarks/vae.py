@@ -49,7 +49,7 @@ def measure(side: str, folder: Path, size: int, out: Path) -> dict:
 
     torch.set_num_threads(2)
     if side == "rectiflux":
-        from rectiflux.autoencoder import load_autoencoder
+        from rectiflux.weights.autoencoder import load_autoencoder
 
         vae = load_autoencoder(folder)
         decode, encode = vae.decode, lambda x: vae.encode(x).mean

@@ -4,11 +4,12 @@ __version__ = "0.1.0"
 
 # names resolve on first use, so `rectiflux --version` and `--help` do not pay for importing torch
 _EXPORTS = {
-    "load": "pipeline", "FluxPipeline": "pipeline", "PipelineOutput": "pipeline",
-    "Flux": "transformer", "FluxConfig": "transformer", "load_transformer": "transformer",
-    "save_transformer": "transformer", "FirstBlockCache": "transformer", "AutoEncoder": "autoencoder",
-    "load_autoencoder": "autoencoder",
-    "model_path": "models",
+    "load": "pipelines.load", "FluxPipeline": "pipelines.flux", "PipelineOutput": "pipelines.flux",
+    "load_redux": "pipelines.redux",
+    "Flux": "flux.transformer", "FluxConfig": "flux.config", "AutoEncoder": "flux.autoencoder",
+    "load_transformer": "weights.transformer", "save_transformer": "weights.transformer",
+    "load_autoencoder": "weights.autoencoder", "model_path": "weights.sources",
+    "FirstBlockCache": "sampling.cache",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -1,5 +1,7 @@
 """The autoencoder against diffusers' AutoencoderKL (the oracle), on tiny random configs."""
 
+import json
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -7,16 +9,12 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 
-from rectiflux.autoencoder import (
-    AutoEncoder,
-    AutoEncoderConfig,
-    DiagonalGaussian,
-    from_diffusers,
-    load_autoencoder,
-    save_autoencoder,
-    to_diffusers,
-)
-from rectiflux.checkpoint import CheckpointError
+from rectiflux.flux.autoencoder import AutoEncoder, AutoEncoderConfig, DiagonalGaussian
+from rectiflux.weights.autoencoder import load_autoencoder, save_autoencoder
+from rectiflux.weights.checkpoint import CheckpointError
+from rectiflux.weights.layout import autoencoder_config_from_shapes
+from rectiflux.weights.layout import autoencoder_from_diffusers as from_diffusers
+from rectiflux.weights.layout import autoencoder_to_diffusers as to_diffusers
 
 torch.set_num_threads(1)
 
@@ -192,8 +190,14 @@ def test_refuses_mismatched_checkpoints(tmp_path):
     for name in ("decoder.up.1.block.1.conv2.weight", "decoder.extra.bias", "encoder.down.0.block.0.conv1.weight"):
         assert name in str(e.value)
 
-    with pytest.raises(CheckpointError, match="use_quant_conv"):
+    with pytest.raises(ValueError, match="use_quant_conv"):
         AutoEncoderConfig.from_diffusers(dict(vae.config, use_quant_conv=True))
+    folder = tmp_path / "quant-conv"
+    vae.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "use_quant_conv": True}))
+    with pytest.raises(CheckpointError, match=r"config\.json: unsupported autoencoder config: use_quant_conv"):
+        load_autoencoder(folder)  # the loader names the file
 
 
 def test_bfloat16_load(tmp_path):
@@ -218,7 +222,7 @@ def test_flux_size_layout_matches_diffusers():
     assert converted == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     flux = (theirs.config.scaling_factor, theirs.config.shift_factor, theirs.config.latent_channels)
     assert flux == (0.3611, 0.1159, 16)  # the values in flux-facts
-    assert AutoEncoderConfig.from_shapes({k: tuple(v.shape) for k, v in ours.state_dict().items()}) == cfg
+    assert autoencoder_config_from_shapes({k: tuple(v.shape) for k, v in ours.state_dict().items()}) == cfg
 
 
 def test_inference_layout_and_in_place_ops_change_nothing():

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rectiflux.transformer import Flux, FluxConfig
+from rectiflux.flux.config import FluxConfig
+from rectiflux.flux.transformer import Flux
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not part of the package

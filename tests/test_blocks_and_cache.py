@@ -5,18 +5,10 @@ import torch
 import torch.nn.functional as F
 from test_transformer import CONFIGS, diffusers_forward, make_inputs, ours_forward, random_diffusers, rel_err
 
-from rectiflux.checkpoint import CheckpointError, read_rows, read_spans
-from rectiflux.transformer import (
-    FirstBlockCache,
-    apply_rope,
-    linear_of_concat,
-    load_transformer,
-    rope,
-    rope_rotations,
-    rotate,
-    rotate_joint,
-    save_transformer,
-)
+from rectiflux.flux.layers import apply_rope, linear_of_concat, rope, rope_rotations, rotate, rotate_joint
+from rectiflux.sampling.cache import FirstBlockCache
+from rectiflux.weights.checkpoint import CheckpointError, read_rows, read_spans
+from rectiflux.weights.transformer import load_transformer, save_transformer
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +81,13 @@ def test_lazy_blocks_map_only_on_the_cpu_and_read_ahead_elsewhere(dev_like, devi
 
 @pytest.mark.parametrize("layout", ["diffusers", "bfl"])
 def test_streamed_blocks_on_the_cpu_use_the_mapped_file_and_give_its_pages_back(dev_like, layout, monkeypatch):
-    import rectiflux.transformer as transformer_module
+    import rectiflux.weights.offload as offload
 
     ref, folder, bfl = dev_like
     model = load_transformer(folder if layout == "diffusers" else bfl, blocks="stream")
     weights = model.block_weights
     advised = []
-    monkeypatch.setattr(transformer_module, "advise_mapped",
+    monkeypatch.setattr(offload, "advise_mapped",
                         lambda tensors, advice: advised.append((advice, {t.data_ptr() for t in tensors})))
     inputs = make_inputs(ref)
     assert rel_err(ours_forward(model, inputs), diffusers_forward(ref, inputs)) < 1e-5
@@ -109,23 +101,24 @@ def test_streamed_blocks_on_the_cpu_use_the_mapped_file_and_give_its_pages_back(
 
 
 def test_pages_are_never_given_back_unless_the_tensors_are_really_file_mappings(dev_like, monkeypatch):
-    import rectiflux.transformer as transformer_module
+    import rectiflux.weights.offload as offload
+    import rectiflux.weights.transformer as transformer_weights
 
     ref, _, bfl = dev_like
-    monkeypatch.setattr(transformer_module, "file_backed", lambda tensors: False)  # as if safetensors had copied
+    monkeypatch.setattr(transformer_weights, "file_backed", lambda tensors: False)  # as if safetensors had copied
     model = load_transformer(bfl, blocks="stream")
     advised = []
-    monkeypatch.setattr(transformer_module, "advise_mapped", lambda tensors, advice: advised.extend(tensors))
+    monkeypatch.setattr(offload, "advise_mapped", lambda tensors, advice: advised.extend(tensors))
     inputs = make_inputs(ref)
     assert rel_err(ours_forward(model, inputs), diffusers_forward(ref, inputs)) < 1e-5
     assert advised == [] and model.block_weights.units.mapped_tensors("double_blocks.0") == []
 
 
 def test_streamed_blocks_are_copied_where_mapped_pages_cannot_be_given_back(dev_like, monkeypatch):
-    import rectiflux.transformer as transformer_module
+    import rectiflux.weights.offload as offload
 
     ref, _, bfl = dev_like
-    monkeypatch.setattr(transformer_module, "CAN_DROP_MAPPED_PAGES", False)  # as on macOS or Windows
+    monkeypatch.setattr(offload, "CAN_DROP_MAPPED_PAGES", False)  # as on macOS or Windows
     model = load_transformer(bfl, blocks="stream")
     reads = []
     read = model.block_weights.units.read

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rectiflux.checkpoint import CheckpointError, advise_mapped, file_backed, read_state_dict, save_state_dict
+from rectiflux.weights.checkpoint import CheckpointError, advise_mapped, file_backed, read_state_dict, save_state_dict
 
 
 def test_plain_reads_equal_safetensors_and_are_aligned(tmp_path):

@@ -6,7 +6,6 @@ in-process through `rectiflux.cli.main`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,6 +22,8 @@ from tiny_models import make_tiny_flux_folder
 
 import rectiflux
 from rectiflux import cli
+from rectiflux.cli.generate import StepTimer, output_paths, write_png
+from rectiflux.cli.recipe import weights_sha256
 
 SCRIPT = Path(sys.executable).with_name("rectiflux")
 # the console script when the package is installed in this interpreter's environment, else the module
@@ -295,18 +296,18 @@ def test_unknown_model_path_is_one_line(tmp_path, monkeypatch, capsys):
 # in-process: the pieces
 
 def test_output_names():
-    assert cli.output_paths(None, 7, 1) == [Path("rectiflux-7.png")]
-    assert cli.output_paths("a/b.png", 7, 2) == [Path("a/b-1.png"), Path("a/b-2.png")]
-    assert cli.output_paths("a/", 7, 1) == [Path("a/rectiflux-7.png")]
+    assert output_paths(None, 7, 1) == [Path("rectiflux-7.png")]
+    assert output_paths("a/b.png", 7, 2) == [Path("a/b-1.png"), Path("a/b-2.png")]
+    assert output_paths("a/", 7, 1) == [Path("a/rectiflux-7.png")]
 
 
 def test_write_png_never_replaces_a_file_that_appeared(tmp_path):
     target = tmp_path / "x.png"
     target.write_bytes(b"someone else's")
     with pytest.raises(cli.UsageError, match="appeared"):
-        cli.write_png(Image.new("RGB", (4, 4)), target, {"prompt": "p"}, overwrite=False)
+        write_png(Image.new("RGB", (4, 4)), target, {"prompt": "p"}, overwrite=False)
     assert target.read_bytes() == b"someone else's"
-    cli.write_png(Image.new("RGB", (4, 4), (1, 2, 3)), target, {"prompt": "crème brûlée"}, overwrite=True)
+    write_png(Image.new("RGB", (4, 4), (1, 2, 3)), target, {"prompt": "crème brûlée"}, overwrite=True)
     assert text_of(target) == {"prompt": "crème brûlée"}  # iTXt keeps any text
     assert pixels(target)[0, 0].tolist() == [1, 2, 3]
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
@@ -317,27 +318,23 @@ def test_weight_hash_is_cached_by_size_and_mtime(tmp_path):
     a.write_bytes(b"weights a")
     b.write_bytes(b"weights b")
     cache = tmp_path / "cache"
-    assert cli.weights_sha256([a], cache) == hashlib.sha256(b"weights a").hexdigest()
+    assert weights_sha256([a], cache) == hashlib.sha256(b"weights a").hexdigest()
     # a cached entry is trusted while size and mtime match: prove it is read by planting a fake one
     table = json.loads((cache / "weight-hashes.json").read_text())
     table[str(a.absolute())]["sha256"] = "f" * 64
     (cache / "weight-hashes.json").write_text(json.dumps(table))
-    assert cli.weights_sha256([a], cache) == "f" * 64
+    assert weights_sha256([a], cache) == "f" * 64
     os.utime(a, ns=(0, 10**9))  # another mtime: hashed again
-    assert cli.weights_sha256([a], cache) == hashlib.sha256(b"weights a").hexdigest()
-    shards = cli.weights_sha256([a, b], cache)
-    assert shards not in (cli.weights_sha256([a], cache), cli.weights_sha256([b], cache))
+    assert weights_sha256([a], cache) == hashlib.sha256(b"weights a").hexdigest()
+    shards = weights_sha256([a, b], cache)
+    assert shards not in (weights_sha256([a], cache), weights_sha256([b], cache))
     assert len(shards) == 64
 
 
-def test_progress_bar_and_step_time():
-    stream = io.StringIO()
-    bar = cli.Progress(stream, width=10)
-    bar.start("seed 1")
-    for step in range(1, 4):
-        bar(step, 3)
-    bar.close()
-    text = stream.getvalue()
-    assert text.count("\r") == 3 and text.endswith("\n") and "[##########] 3/3" in text
-    assert "done in" in text
-    assert bar.seconds_per_step > 0 and len(bar.intervals) == 2  # the first step (prompt encoding) left out
+def test_step_timer_leaves_out_the_first_step():
+    timer = StepTimer()
+    for _ in range(2):
+        timer.start()
+        for step in range(1, 4):
+            timer(step, 3)
+    assert timer.seconds_per_step > 0 and len(timer.intervals) == 4  # each image's first step (prompt encoding) out

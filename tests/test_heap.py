@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 PRELUDE = """
 import resource, torch
-import rectiflux.heap as heap
+import rectiflux.runtime.heap as heap
 
 def faults_of_a_fresh_48_mib_tensor():
     torch.empty(16 << 20).fill_(1.0)  # 64 MiB freed just before: room for it in a heap that kept it
@@ -81,7 +81,7 @@ def test_a_generation_keeps_then_releases():
             pass
         print(" ".join(calls))
     """)
-    assert out == "keep keep"  # the transformer call switched it on; both generations released, the failed too
+    assert out == "keep keep"  # the pipeline call switched it on; both generations released, the failed too
 
 
 def test_weights_read_into_a_keeping_heap_take_their_own_mappings():

@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_flux_folder
 
 import rectiflux
-from rectiflux.checkpoint import CheckpointError
-from rectiflux.pipeline import load
-from rectiflux.transformer import load_transformer, save_transformer
+from rectiflux.pipelines.load import load
+from rectiflux.weights.checkpoint import CheckpointError
+from rectiflux.weights.transformer import load_transformer, save_transformer
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_bfl_single_files_load_like_the_folder(tmp_path):
     bfl.mkdir()
     save_transformer(load_transformer(folder), bfl / "flux1-tiny.safetensors", layout="bfl")
     # BFL's ae.safetensors: our autoencoder's own parameter names are BFL's
-    from rectiflux.autoencoder import load_autoencoder
+    from rectiflux.weights.autoencoder import load_autoencoder
     save_file({k: v.contiguous() for k, v in load_autoencoder(folder / "vae").state_dict().items()},
               bfl / "ae.safetensors")
     for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):

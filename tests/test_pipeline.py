@@ -18,7 +18,7 @@ from diffusers import FluxPipeline as DiffusersFluxPipeline
 from PIL import Image
 from tiny_models import make_tiny_flux_folder
 
-from rectiflux.pipeline import load
+from rectiflux.pipelines.load import load
 
 ATOL = 2e-4
 H, W = 32, 48  # non-square, a multiple of 4

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rectiflux.pipeline import load
+from rectiflux.pipelines.load import load
 
 
 def render(pipe, **kwargs):

@@ -12,21 +12,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import rectiflux.quantize as quantize
-from rectiflux.checkpoint import CheckpointError
-from rectiflux.quantize import (
+import rectiflux.quantize.files as quantize_files
+import rectiflux.quantize.linear as quantize
+from rectiflux.flux.config import FluxConfig
+from rectiflux.flux.transformer import Flux
+from rectiflux.quantize.files import load_quantized, quantize_file, save_quantized
+from rectiflux.quantize.linear import (
     DEFAULT_SKIP,
     QuantizedLinear,
     dequantize_weight,
-    load_quantized,
-    quantize_file,
     quantize_tokens,
     quantize_transformer,
     quantize_weight,
-    save_quantized,
     set_activations,
 )
-from rectiflux.transformer import Flux, FluxConfig, load_transformer, save_transformer
+from rectiflux.weights.checkpoint import CheckpointError
+from rectiflux.weights.transformer import load_transformer, save_transformer
 
 MODES = [("int8", None), ("int8", "int8"), ("float8", None)]
 CFG = FluxConfig(in_channels=16, num_heads=4, head_dim=16, depth=2, depth_single=2, joint_attention_dim=32,
@@ -354,7 +355,7 @@ def test_quantize_file_holds_one_float_block_at_a_time(tmp_path, monkeypatch):
     largest_block = max(sum(v for n, v in linears.items() if n.startswith(b)) for b in blocks)
     embedders = sum(v for n, v in linears.items() if n.startswith(DEFAULT_SKIP))
 
-    held, original = [], quantize.load_into
+    held, original = [], quantize_files.load_into
 
     def watching_load_into(module, state, dtype, what):
         out = original(module, state, dtype, what)
@@ -362,14 +363,14 @@ def test_quantize_file_holds_one_float_block_at_a_time(tmp_path, monkeypatch):
         held.append(sum(m.weight.numel() for m in root.modules() if isinstance(m, nn.Linear) and not m.weight.is_meta))
         return out
 
-    real_flux = quantize.Flux
+    real_flux = quantize_files.Flux
 
     def recording_flux(cfg):
         watching_load_into.root = real_flux(cfg)
         return watching_load_into.root
 
-    monkeypatch.setattr(quantize, "load_into", watching_load_into)
-    monkeypatch.setattr(quantize, "Flux", recording_flux)
+    monkeypatch.setattr(quantize_files, "load_into", watching_load_into)
+    monkeypatch.setattr(quantize_files, "Flux", recording_flux)
     quantize_file(tmp_path / "src", tmp_path / "q.safetensors")
     assert len(held) == 4 + 6  # each block, and img_in, txt_in, time_in, vector_in, guidance_in, final_layer
     assert max(held) <= largest_block + embedders < sum(linears.values()) / 2

@@ -12,20 +12,16 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from diffusers.pipelines.flux.pipeline_flux_img2img import FluxImg2ImgPipeline
 
-from rectiflux.sampler import (
+from rectiflux.sampling.denoise import euler_step
+from rectiflux.sampling.latents import latent_image_ids, noise_latents, pack_latents, text_ids, unpack_latents
+from rectiflux.sampling.schedule import (
     SchedulerConfig,
     compute_mu,
-    euler_step,
     get_sigmas,
-    latent_image_ids,
-    noise_latents,
-    pack_latents,
     static_shift,
     strength_start,
-    text_ids,
     time_shift,
     timesteps,
-    unpack_latents,
 )
 
 # The scheduler_config.json files published with FLUX.1-dev and FLUX.1-schnell, plus a static

@@ -5,7 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from rectiflux.shapes import (
+from rectiflux.shapes.checker import read_scene, score
+from rectiflux.shapes.world import (
     BACKGROUNDS,
     COLORS,
     HELD_OUT,
@@ -15,9 +16,7 @@ from rectiflux.shapes import (
     eval_scenes,
     random_caption,
     random_scene,
-    read_scene,
     render,
-    score,
 )
 
 

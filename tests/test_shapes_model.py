@@ -11,9 +11,10 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 import rectiflux
-from rectiflux.evaluate import prompt_fidelity
-from rectiflux.models import model_path
-from rectiflux.shapes import Scene, eval_scenes, read_scene, render
+from rectiflux.shapes.checker import read_scene
+from rectiflux.shapes.evaluate import prompt_fidelity
+from rectiflux.shapes.world import Scene, eval_scenes, render
+from rectiflux.weights.sources import model_path
 
 # the CI floor: the shipped model scores about 0.9+ on these prompts (docs/shapes.md); a broken pipeline or
 # model lands far below

@@ -11,8 +11,8 @@ import torch
 from diffusers import FluxPipeline
 from tiny_models import make_tiny_flux_folder
 
-from rectiflux.checkpoint import CheckpointError
-from rectiflux.text_encoders import TextEncoders
+from rectiflux.weights.checkpoint import CheckpointError
+from rectiflux.weights.text_encoders import load_text_encoders
 
 CAPTION = "a large red circle on the left on a white background"
 OTHER = "a small blue square at the top on a black background"
@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(folder):
-    return TextEncoders.from_folder(folder)
+    return load_text_encoders(folder)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_too_long_for_t5_is_an_error(ours, pipe):
 
 def test_dtype_argument(folder):
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16)
-    got = TextEncoders.from_folder(folder, dtype="bfloat16").encode([CAPTION, OTHER], max_sequence_length=64)
+    got = load_text_encoders(folder, dtype="bfloat16").encode([CAPTION, OTHER], max_sequence_length=64)
     assert got[0].dtype == got[1].dtype == torch.bfloat16
     assert_same(got, reference(pipe, [CAPTION, OTHER]))
 
@@ -138,7 +138,7 @@ def test_missing_subfolder_is_named(folder, tmp_path, name):
     shutil.copytree(folder, broken)
     shutil.rmtree(broken / name)
     with pytest.raises(CheckpointError, match=f"has no {name} subfolder"):
-        TextEncoders.from_folder(broken)
+        load_text_encoders(broken)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _save_clip(tmp_path, eos_token_id: int, legacy_prefix: bool, dtype: torch.dt
 @pytest.mark.parametrize(("eos_token_id", "legacy_prefix", "dtype"),
                          [(47, False, torch.float32), (2, True, torch.float32), (47, True, torch.bfloat16)])
 def test_clip_matches_transformers(tmp_path, eos_token_id, legacy_prefix, dtype):
-    from rectiflux.text_encoders import load_clip
+    from rectiflux.weights.text_encoders import load_clip
 
     ref = _save_clip(tmp_path, eos_token_id, legacy_prefix, dtype)
     ids = torch.tensor([[48, 5, 9, 47, 49, 49, 49], [48, 30, 3, 7, 12, 47, 49]])
@@ -185,7 +185,7 @@ def test_clip_matches_transformers(tmp_path, eos_token_id, legacy_prefix, dtype)
 def test_t5_matches_transformers(tmp_path, proj, dtype):
     from transformers import T5Config, T5EncoderModel
 
-    from rectiflux.text_encoders import load_t5
+    from rectiflux.weights.text_encoders import load_t5
 
     torch.manual_seed(0)
     ref = T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -205,7 +205,7 @@ def test_t5_matches_transformers(tmp_path, proj, dtype):
 
 
 def test_unknown_text_encoder_activation_is_refused(tmp_path):
-    from rectiflux.text_encoders import load_clip
+    from rectiflux.weights.text_encoders import load_clip
 
     _save_clip(tmp_path, 47, False, torch.float32)
     config = tmp_path / "config.json"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rectiflux
-from rectiflux.threads import SMALL_WORK, threads_for
+from rectiflux.runtime.threads import SMALL_WORK, threads_for
 
 
 @pytest.fixture

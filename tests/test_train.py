@@ -9,8 +9,10 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from rectiflux.autoencoder import AutoEncoder, AutoEncoderConfig
-from rectiflux.train import (
+from rectiflux.flux.autoencoder import AutoEncoder, AutoEncoderConfig
+from rectiflux.flux.config import FluxConfig
+from rectiflux.flux.transformer import Flux
+from rectiflux.training.trainer import (
     LatentBank,
     TrainConfig,
     Trainer,
@@ -20,7 +22,6 @@ from rectiflux.train import (
     sample_t,
     shapes_batch,
 )
-from rectiflux.transformer import Flux, FluxConfig
 
 TINY_AE = AutoEncoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
 TINY_FLUX = FluxConfig(in_channels=64, num_heads=2, head_dim=16, depth=1, depth_single=1, joint_attention_dim=16,
@@ -140,8 +141,8 @@ def test_two_processes_keep_the_same_weights(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, torch
         from safetensors.torch import save_file
-        from rectiflux.autoencoder import AutoEncoder, AutoEncoderConfig
-        from rectiflux.train import TrainConfig, Trainer
+        from rectiflux.flux.autoencoder import AutoEncoder, AutoEncoderConfig
+        from rectiflux.training.trainer import TrainConfig, Trainer
         torch.manual_seed(0)
         ae = AutoEncoder(AutoEncoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4))
         cfg = TrainConfig(out=r"{tmp_path}", stage="ae", steps=4, batch_size=4, warmup=1, log_every=1,
@@ -199,7 +200,7 @@ def test_train_command_runs_under_torchrun_and_exports_a_loadable_model(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "flux" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3
-    from rectiflux.pipeline import load
+    from rectiflux.pipelines.load import load
 
     pipe = load(tmp_path / "run" / "model")
     assert pipe.defaults.width == 64 and pipe("a red circle", seed=0, num_inference_steps=2).images[0].size == (64, 64)

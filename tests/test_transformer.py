@@ -8,16 +8,11 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import save_file
 
-from rectiflux.checkpoint import CheckpointError
-from rectiflux.transformer import (
-    Flux,
-    FluxConfig,
-    apply_rope,
-    load_transformer,
-    rope,
-    save_transformer,
-    timestep_embedding,
-)
+from rectiflux.flux.config import FluxConfig
+from rectiflux.flux.layers import apply_rope, rope, timestep_embedding
+from rectiflux.flux.transformer import Flux
+from rectiflux.weights.checkpoint import CheckpointError
+from rectiflux.weights.transformer import load_transformer, save_transformer
 
 CONFIGS = {
     "dev-like": dict(num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=3,
@@ -148,7 +143,7 @@ def test_bfl_writer_agrees_with_diffusers_converter():
     g = torch.Generator().manual_seed(0)
     ours_like = {k: torch.randn(s[0], 1, generator=g) if len(s) > 1 else torch.randn(s[0], generator=g)
                  for k, s in shapes.items()}
-    from rectiflux.transformer import to_diffusers
+    from rectiflux.weights.layout import transformer_to_diffusers as to_diffusers
     diffusers_sd = to_diffusers(ours_like, cfg)
     bfl = bfl_from_diffusers(diffusers_sd, 2, 2)
     assert bfl.keys() == ours_like.keys()

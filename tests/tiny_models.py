@@ -29,7 +29,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from rectiflux.tokenizers import CLIP_MAX_LENGTH, T5_MAX_LENGTH, WORDS, build_t5_tokenizer, write_clip_tokenizer  # noqa: F401
+from rectiflux.shapes.tokenizers import CLIP_MAX_LENGTH, T5_MAX_LENGTH, WORDS, build_t5_tokenizer, write_clip_tokenizer  # noqa: F401
 
 
 def _build(

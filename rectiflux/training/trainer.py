@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,12 +24,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .autoencoder import AutoEncoder, AutoEncoderConfig, load_autoencoder, save_autoencoder
-from .checkpoint import save_state_dict, write_json
-from .sampler import SchedulerConfig, compute_mu, latent_image_ids, pack_latents, text_ids, time_shift
-from .shapes import Scene, random_caption, random_scene, render
-from .text_encoders import TextEncoders
-from .transformer import Flux, FluxConfig, save_transformer
+from ..flux.autoencoder import AutoEncoder
+from ..flux.text_encoders import TextEncoders
+from ..flux.transformer import Flux
+from ..images import psnr
+from ..progress import progress_bar
+from ..sampling.latents import latent_image_ids, pack_latents, text_ids
+from ..sampling.schedule import SchedulerConfig, compute_mu, time_shift
+from ..shapes.world import Scene, random_caption, random_scene, render
+from ..weights.checkpoint import save_state_dict
 
 
 @dataclass
@@ -136,12 +138,6 @@ def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
 
 
-def psnr(a: Tensor, b: Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of images in [-1, 1]."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 class Reconstruct(nn.Module):
@@ -161,7 +157,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module, autoencoder: AutoEncoder | None = None,
                  text_encoders: TextEncoders | None = None, scheduler: SchedulerConfig | None = None):
         self.cfg = cfg
-        self.rank, self.world = _init_distributed()
+        self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {self.world} processes")
@@ -243,7 +239,7 @@ class Trainer:
                 return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
             (ry, rx), (py, px) = grads(recon), grads(pixels)
             loss = loss + self.cfg.gradient_weight * (F.l1_loss(ry, py) + F.l1_loss(rx, px))
-        return loss, {"psnr": psnr(recon.detach().float(), pixels)}
+        return loss, {"psnr": psnr(recon.detach().float().clamp(-1, 1), pixels.clamp(-1, 1), data_range=2.0)}
 
     def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         missing = sorted({c for c in captions if c not in self._text_cache})
@@ -293,24 +289,26 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / "metrics.jsonl"
         start, seen, last_log = time.perf_counter(), 0, time.perf_counter()
-        while self.step < until:
-            if cfg.distill_steps and self.teacher is None and self.step >= cfg.steps - cfg.distill_steps:
-                self.teacher = copy.deepcopy(self.ema).eval().requires_grad_(False)
-            stats = self.train_step()
-            seen += cfg.batch_size
-            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                now = time.perf_counter()
-                stats.update(step=self.step, samples_per_s=seen / (now - last_log), elapsed_s=now - start)
-                seen, last_log = 0, now
-                with metrics.open("a") as f:
-                    f.write(json.dumps(stats) + "\n")
-                _progress(self.step, cfg.steps, stats)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == until:
-                self.save_checkpoint()
-            if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
-                sample_fn(self, self.out / "samples" / f"step-{self.step:06d}.png")
-        if self.rank == 0:
-            sys.stderr.write("\n")
+        label = {"ae": "autoencoder", "flux": "transformer"}.get(cfg.stage, cfg.stage)
+        with progress_bar(cfg.steps, desc=label, initial=self.step, disable=None if self.rank == 0 else True,
+                          leave=True) as bar:
+            while self.step < until:
+                if cfg.distill_steps and self.teacher is None and self.step >= cfg.steps - cfg.distill_steps:
+                    self.teacher = copy.deepcopy(self.ema).eval().requires_grad_(False)
+                stats = self.train_step()
+                seen += cfg.batch_size
+                bar.update(1)
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    now = time.perf_counter()
+                    stats.update(step=self.step, samples_per_s=seen / (now - last_log), elapsed_s=now - start)
+                    seen, last_log = 0, now
+                    with metrics.open("a") as f:
+                        f.write(json.dumps(stats) + "\n")
+                    bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "psnr") if k in stats}, refresh=False)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == until:
+                    self.save_checkpoint()
+                if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
+                    sample_fn(self, self.out / "samples" / f"step-{self.step:06d}.png")
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
@@ -351,166 +349,8 @@ class Trainer:
         self.step = int(meta["step"])
 
 
-def _init_distributed() -> tuple[int, int]:
+def init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
-
-
-def _progress(step: int, total: int, stats: dict) -> None:
-    width = 30
-    done = int(width * step / total)
-    extra = "  ".join(f"{k} {stats[k]:.4g}" for k in ("loss", "psnr", "samples_per_s") if k in stats)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total}  {extra}   ")
-    sys.stderr.flush()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the shapes preset: the embedded model's exact recipe
-
-SHAPES_AE = AutoEncoderConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8)
-SHAPES_FLUX = FluxConfig(in_channels=64, num_heads=2, head_dim=64, depth=2, depth_single=4,
-                         joint_attention_dim=64, pooled_projection_dim=64, axes_dim=(8, 28, 28), guidance_embed=True)
-SHAPES_TEXT = {"hidden": 64, "layers": 2, "heads": 2}
-SHAPES_DEFAULTS = {"steps": 8, "guidance": 5.0, "width": 64, "height": 64, "max_sequence_length": 20,
-                   "strength": 0.7}
-SHAPES_SCHEDULER = SchedulerConfig(shift=1.0, use_dynamic_shifting=False)
-SHAPES_STAGES = {
-    "ae": TrainConfig(stage="ae", steps=5000, batch_size=8, lr=1e-3, warmup=100, ema_decay=0.995,
-                      kl_weight=1e-6, foreground_weight=10.0, preview_weight=1.0, checkpoint_every=500,
-                      log_every=50),
-    "flux": TrainConfig(stage="flux", steps=5000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.998,
-                        distill_steps=1000, guidance_max=7.0, checkpoint_every=250, sample_every=1000),
-}
-
-
-def build_text_encoders(folder: Path, seed: int = 0) -> TextEncoders:
-    """Frozen random CLIP and T5 encoders with the shapes vocabulary, saved in the diffusers layout under folder."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from .tokenizers import CLIP_MAX_LENGTH, build_t5_tokenizer, write_clip_tokenizer
-
-    h, layers, heads = SHAPES_TEXT["hidden"], SHAPES_TEXT["layers"], SHAPES_TEXT["heads"]
-    vocab = write_clip_tokenizer(folder / "tokenizer")
-    t5_tokenizer = build_t5_tokenizer()
-    t5_tokenizer.save_pretrained(folder / "tokenizer_2")
-    torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h,
-                                        num_hidden_layers=layers, num_attention_heads=heads,
-                                        max_position_embeddings=CLIP_MAX_LENGTH, eos_token_id=vocab - 1,
-                                        bos_token_id=vocab - 2, pad_token_id=vocab - 1, projection_dim=h))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=h, d_kv=h // heads, d_ff=2 * h,
-                                 num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
-                                 is_encoder_decoder=False, tie_word_embeddings=False))
-    clip.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    t5.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
-    return TextEncoders.from_folder(folder, dtype=torch.float32)
-
-
-def export_shapes(out: Path, flux: Flux, autoencoder: AutoEncoder, text_dir: Path, half: bool = True) -> Path:
-    """Write the trained model as a diffusers-layout folder: what `rectiflux.load` and diffusers both read."""
-    import shutil
-
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if half else torch.float32
-    save_transformer(copy.deepcopy(flux).to(dtype), out / "transformer")
-    save_autoencoder(copy.deepcopy(autoencoder).to(dtype), out / "vae")
-    for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
-        if (out / sub).exists():
-            shutil.rmtree(out / sub)
-        shutil.copytree(text_dir / sub, out / sub)
-    if half:  # store the text encoders in half precision too
-        from safetensors.torch import load_file, save_file
-        for sub in ("text_encoder", "text_encoder_2"):
-            for file in (out / sub).glob("*.safetensors"):
-                save_file({k: v.half() for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
-            cfg_file = out / sub / "config.json"
-            cfg = json.loads(cfg_file.read_text())
-            cfg["dtype"] = cfg["torch_dtype"] = "float16"
-            cfg_file.write_text(json.dumps(cfg, indent=2))
-    write_json({**SHAPES_SCHEDULER.to_diffusers()}, out / "scheduler" / "scheduler_config.json")
-    write_json({
-        "_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }, out / "model_index.json")
-    write_json(SHAPES_DEFAULTS, out / "rectiflux.json")
-    return out
-
-
-def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_overrides: dict | None = None,
-                 resume: bool = False, stages: tuple[str, ...] = ("ae", "flux"),
-                 export_to: str | os.PathLike | None = None) -> Path:
-    """The whole recipe of the embedded model: autoencoder, then transformer (with guidance distillation), then
-    export. The overrides change TrainConfig fields of each stage (e.g. fewer steps for a smoke run)."""
-    out = Path(out)
-    text_dir = out / "text"
-    rank, _ = _init_distributed()
-    if rank == 0 and not (text_dir / "text_encoder_2").exists():  # one process writes, the others wait and read
-        build_text_encoders(text_dir)
-    _barrier()
-    encoders = TextEncoders.from_folder(text_dir, dtype=torch.float32)
-    ae_dir = out / "ae"
-    if "ae" in stages:
-        cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["ae"]), **(ae_overrides or {}), "stage": "ae",
-                                     "out": str(ae_dir)})
-        trainer = Trainer(cfg, AutoEncoder(SHAPES_AE))
-        if resume and trainer.checkpoint_path().exists():
-            trainer.load_checkpoint()
-        trainer.fit()
-        if trainer.rank == 0:
-            save_autoencoder(trainer.ema, ae_dir / "final")
-        _barrier()
-    autoencoder = load_autoencoder(ae_dir / "final", dtype=torch.float32).eval().requires_grad_(False)
-    flux_dir = out / "flux"
-    if "flux" in stages:
-        cfg = TrainConfig.from_dict({**asdict(SHAPES_STAGES["flux"]), **(flux_overrides or {}), "stage": "flux",
-                                     "out": str(flux_dir)})
-        trainer = Trainer(cfg, Flux(SHAPES_FLUX), autoencoder, encoders, SHAPES_SCHEDULER)
-        if resume and trainer.checkpoint_path().exists():
-            trainer.load_checkpoint()
-        trainer.fit(sample_fn=_sample_grid)
-        if trainer.rank == 0:
-            save_transformer(trainer.ema, flux_dir / "final")
-        _barrier()
-    if not (flux_dir / "final").exists():  # only the autoencoder so far
-        return ae_dir / "final"
-    from .transformer import load_transformer
-    flux = load_transformer(flux_dir / "final")
-    target = Path(export_to) if export_to else out / "model"
-    if rank == 0:
-        export_shapes(target, flux, autoencoder, text_dir)
-    _barrier()
-    return target
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-SAMPLE_PROMPTS = ["a large red circle on the left on a white background",
-                  "a small blue square at the top on a black background",
-                  "a large yellow triangle in the center on a gray background",
-                  "a small green cross on the right on a white background",
-                  "a large purple triangle at the bottom on a white background",
-                  "a large orange circle in the center on a black background"]
-
-
-@torch.no_grad()
-def _sample_grid(trainer: Trainer, path: Path) -> None:
-    """A row of images from the EMA weights, so a person can watch the model learn."""
-    from PIL import Image
-
-    from .pipeline import Defaults, FluxPipeline
-    pipe = FluxPipeline(trainer.ema, trainer.autoencoder, trainer.text_encoders, SHAPES_SCHEDULER,
-                        Defaults(**{k: v for k, v in SHAPES_DEFAULTS.items()}))
-    images = pipe(SAMPLE_PROMPTS, generator=torch.Generator().manual_seed(0)).images
-    grid = Image.new("RGB", (64 * len(images), 64))
-    for i, image in enumerate(images):
-        grid.paste(image, (64 * i, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)

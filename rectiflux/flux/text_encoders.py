@@ -1,33 +1,24 @@
 """FLUX's two text encoders: CLIP-L for the pooled vector, T5 for the token sequence.
 
-Both models are written here (CLIPTextEncoder, T5Encoder) and read from a diffusers-layout folder
-(text_encoder, tokenizer, text_encoder_2, tokenizer_2) with safetensors; the tokenizers are transformers'
-fast ones. The models compute what transformers' CLIPTextModel and T5EncoderModel compute, operation for
-operation (so bfloat16 and float16 round the same way), without transformers' model machinery: importing
-and loading it was most of a pipeline's load time. `encode` reproduces diffusers' `FluxPipeline.encode_prompt`
-bit for bit, except that a prompt too long for T5 is an error instead of a silent truncation:
-T5 carries everything the image is conditioned on, so a dropped tail is a dropped instruction.
-CLIP still truncates at 77 tokens without a word, as everywhere else: only its pooled summary
-is used.
+Both models are written here (CLIPTextEncoder, T5Encoder; `rectiflux.weights.text_encoders` reads them with
+safetensors); the tokenizers are transformers' fast ones. The models compute what transformers' CLIPTextModel and
+T5EncoderModel compute, operation for operation (so bfloat16 and float16 round the same way), without transformers'
+model machinery: importing and loading it was most of a pipeline's load time. `encode` reproduces diffusers'
+`FluxPipeline.encode_prompt` bit for bit, except that a prompt too long for T5 is an error instead of a silent
+truncation: T5 carries everything the image is conditioned on, so a dropped tail is a dropped instruction. CLIP
+still truncates at 77 tokens without a word, as everywhere else: only its pooled summary is used.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPTokenizerFast, T5TokenizerFast
 
-from .checkpoint import CheckpointError, load_into, parse_dtype, read_json, read_state_dict
-from .threads import threads_for
-
-SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 MAX_T5_LENGTH = 512  # T5's relative positions were trained up to this length; diffusers refuses more too
 
 
@@ -46,7 +37,7 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": gelu_tanh, 
 
 def _activation(name: str, what: str):
     if name not in ACTIVATIONS:
-        raise CheckpointError(f"{what}: activation {name!r} is not supported (known: {', '.join(ACTIVATIONS)})")
+        raise ValueError(f"{what}: activation {name!r} is not supported (known: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 
@@ -55,15 +46,6 @@ def _embedding(n: int, d: int) -> nn.Embedding:
     nn.Embedding's own normal_ init on meta goes through torch's reference ops, which import torch._dynamo
     (1.4 s, measured: it was most of a pipeline's load time)."""
     return nn.Embedding(n, d, _weight=torch.empty(n, d))
-
-
-def _rename(state: dict[str, Tensor], rules: list[tuple[str, str]]) -> dict[str, Tensor]:
-    out = {}
-    for key, tensor in state.items():
-        for pattern, repl in rules:
-            key = re.sub(pattern, repl, key)
-        out[key] = tensor
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,10 +127,6 @@ class CLIPTextEncoder(nn.Module):
         else:
             ends = (ids.to(torch.int) == self.config.eos_token_id).int().argmax(dim=-1)
         return x, x[torch.arange(x.shape[0], device=x.device), ends]
-
-
-CLIP_KEYS = [(r"^text_model\.", ""), (r"^embeddings\.", ""), (r"^encoder\.layers\.", "layers."),
-             (r"\.self_attn\.", "."), (r"\.mlp\.", ".")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,47 +254,6 @@ class T5Encoder(nn.Module):
         return self.final_layer_norm(x)
 
 
-T5_KEYS = [(r"^encoder\.embed_tokens\.", "shared."), (r"^encoder\.final_layer_norm\.", "final_layer_norm."),
-           (r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.", "relative_attention_bias."),
-           (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.", r"blocks.\1."),
-           (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.attn_norm."),
-           (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.", r"blocks.\1."),
-           (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.ff_norm.")]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading
-
-def load_clip(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> CLIPTextEncoder:
-    """A transformers CLIPTextModel folder (config.json + safetensors); dtype None keeps the stored one."""
-    folder = Path(folder)
-    cfg = CLIPConfig.from_transformers(read_json(folder / "config.json"))
-    state = _rename(read_state_dict(folder), CLIP_KEYS)
-    state.pop("position_ids", None)  # older transformers saved this constant buffer
-    with torch.device("meta"):
-        model = CLIPTextEncoder(cfg)
-    return load_into(model, state, parse_dtype(dtype), f"CLIP text encoder {folder}").eval()
-
-
-def load_t5(folder: str | os.PathLike, dtype: torch.dtype | str | None = None) -> T5Encoder:
-    """A transformers T5EncoderModel folder; dtype None keeps the stored one. In float16 the output
-    projections `wo` stay float32, as transformers keeps them (T5's activations overflow float16 there)."""
-    folder = Path(folder)
-    cfg = T5Config.from_transformers(read_json(folder / "config.json"))
-    raw = read_state_dict(folder)
-    if "shared.weight" in raw:  # the encoder's own copy of the tied embedding is redundant then
-        raw.pop("encoder.embed_tokens.weight", None)
-    state = _rename(raw, T5_KEYS)
-    dtype = parse_dtype(dtype)
-    stored = state["shared.weight"].dtype if "shared.weight" in state else None
-    if (dtype or stored) == torch.float16:  # wo from the stored values, not via float16
-        state = {k: v.float() if k.endswith(".wo.weight") else v.half() for k, v in state.items()}
-        dtype = None
-    with torch.device("meta"):
-        model = T5Encoder(cfg)
-    return load_into(model, state, dtype, f"T5 encoder {folder}").eval()
-
-
 class TextEncoders:
     """CLIP + T5 with their tokenizers; `encode` gives (prompt_embeds, pooled_prompt_embeds)."""
 
@@ -326,24 +263,23 @@ class TextEncoders:
         self.clip, self.clip_tokenizer = clip.eval(), clip_tokenizer
         self.t5, self.t5_tokenizer = t5.eval(), t5_tokenizer
 
-    @classmethod
-    def from_folder(
-        cls, folder: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> TextEncoders:
-        """Load from a diffusers FLUX folder; dtype None keeps each model's stored dtype."""
-        folder = Path(folder)
-        missing = [name for name in SUBFOLDERS if not (folder / name).is_dir()]
-        if missing:
-            raise CheckpointError(
-                f"{folder} has no {', '.join(missing)} subfolder(s); expected the diffusers FLUX layout "
-                f"({', '.join(SUBFOLDERS)})"
-            )
-        return cls(
-            load_clip(folder / "text_encoder", dtype).to(device),
-            CLIPTokenizerFast.from_pretrained(folder / "tokenizer", local_files_only=True),
-            load_t5(folder / "text_encoder_2", dtype).to(device),
-            T5TokenizerFast.from_pretrained(folder / "tokenizer_2", local_files_only=True),
-        )
+    def work(self, prompts: int, max_sequence_length: int) -> int:
+        """Multiply-adds of one width x width linear over the larger encoder's tokens (rectiflux.runtime's measure)."""
+        return prompts * max(self.clip_tokenizer.model_max_length * self.clip.config.hidden_size ** 2,
+                             max_sequence_length * self.t5.config.d_model ** 2)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoders:
+        if device is not None:
+            self.clip.to(device)
+            self.t5.to(device)
+        if dtype is not None:
+            self.clip.to(dtype)
+            for name, module in self.t5.named_modules():
+                # in float16 T5's output projections stay float32, as transformers keeps them (they overflow)
+                if not (dtype == torch.float16 and name.endswith(".wo")):
+                    for pname, p in module.named_parameters(recurse=False):
+                        setattr(module, pname, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+        return self
 
     def check(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
               max_sequence_length: int = 512) -> tuple[list[str], list[str]]:
@@ -386,14 +322,12 @@ class TextEncoders:
             prompts, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
-        with threads_for(clip_ids.numel() * self.clip.config.hidden_size ** 2, self.clip.device):
-            pooled = self.clip(clip_ids.to(self.clip.device))[1]
+        pooled = self.clip(clip_ids.to(self.clip.device))[1]
         t5_ids = self.t5_tokenizer(
             prompts_2, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         ).input_ids
         # No attention mask, as in FLUX: the padding tokens' states are part of the conditioning.
-        with threads_for(t5_ids.numel() * self.t5.config.d_model ** 2, self.t5.device):
-            embeds = self.t5(t5_ids.to(self.t5.device))
+        embeds = self.t5(t5_ids.to(self.t5.device))
         # Cast like diffusers does (T5 keeps some layers in float32 when loaded in float16).
         pooled, embeds = pooled.to(self.clip.dtype), embeds.to(self.t5.dtype)
         return (

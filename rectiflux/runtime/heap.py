@@ -2,16 +2,16 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB once it has adapted) with a fresh mapping,
 unmaps it on free, and trims the top of the heap whenever it exceeds its trim threshold. Each transformer block
-then writes its activations into zero-filled pages again: about a gigabyte of page faults per step on the medium
-benchmark config (`python -m benchmarks.heap`, docs/bench-heap.md). From the first CPU model call on, both
+then writes its activations into zero-filled pages again (`python -m benchmarks.heap` counts the page faults).
+From the first generation on the CPU (`keep_freed_memory`, which the pipeline calls; model code never does) both
 thresholds are raised, so freed activations stay in the heap for the next block and step; the pipeline hands the
 heap's free memory back to the system at the end of every generation (`release`), so a process holds no more
 between images than it did before. A streamed model pins the threshold low instead, for the whole process.
 
 torch asks for 64-byte-aligned blocks, and glibc can leave a few freed large blocks unmerged behind the small
-remainders of such requests until the next trim; peak memory measured the same either way (docs/bench-heap.md,
-docs/benchmarks.md). RECTIFLUX_KEEP_FREED_MEMORY=0 in the environment leaves glibc's thresholds alone (for an
-application that tunes its own allocator).
+remainders of such requests until the next trim; peak memory measured the same either way (docs/bench-heap.md).
+RECTIFLUX_KEEP_FREED_MEMORY=0 in the environment leaves glibc's thresholds alone (for an application that tunes its
+own allocator).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _set(mode: str, mmap_threshold: int, trim_threshold: int) -> None:
 
 
 def keep_freed_memory(device: torch.device | str) -> None:
-    """Before a model call on `device`: on the CPU, from now on keep freed memory in the heap for reuse.
+    """Before a generation on `device`: on the CPU, from now on keep freed memory in the heap for reuse.
 
     Process-wide (glibc has one heap) and idempotent; nothing happens off the CPU, without glibc, once a streamed
     model pinned the threshold low, or with RECTIFLUX_KEEP_FREED_MEMORY=0.
@@ -95,7 +95,7 @@ def weights_in_their_own_mappings() -> Iterator[None]:
 
     Otherwise a lazily read block's weights are carved out of the freed memory the activations reuse, and the
     float copy of a quantised block, freed once it is quantised, is split by the quantised weights placed in it:
-    every block then takes fresh memory (medium benchmark config in int8: 6.0 GiB peak instead of 2.2 GiB).
+    every block then takes fresh memory (the int8 rows of `python -m benchmarks.bench` show the peak).
     """
     with _lock:
         keeping = _mode == "keep"
@@ -114,8 +114,8 @@ def return_freed_memory_to_the_system() -> None:
     """Make glibc give every freed block of 1 MiB or more straight back to the system, for the rest of the process.
 
     For streamed transformer blocks: with glibc's dynamic threshold freed block weights stayed in the heap, which
-    it does not shrink, and streaming FLUX.1-dev-sized int8 blocks peaked at 3.96 GiB resident instead of 1.39 GiB
-    with the threshold pinned (same speed; benchmarks/dev8bit.py).
+    it does not shrink, and the resident memory of a streamed model grew to several blocks (docs/bench-dev8bit.md,
+    `python -m benchmarks.dev8bit`).
     """
     with _lock:
         was_keeping = _mode == "keep"

@@ -1,9 +1,8 @@
-"""Flow-matching Euler sampling for FLUX.1, written as small pure functions.
+"""The noise schedule of FLUX.1 as small pure functions: the sigma grid, its size-dependent shift, img2img's start.
 
-The model predicts a velocity v = noise - x0 along the straight path x_sigma = sigma * noise +
-(1 - sigma) * x0, so sampling is plain Euler integration from sigma = 1 down to sigma = 0. The
-only FLUX-specific parts are how the sigma grid is bent towards high noise (the "shift") and how
-the 16-channel latents are folded into 2x2 patches ("packing") for the transformer.
+The model predicts a velocity v = noise - x0 along the straight path x_sigma = sigma * noise + (1 - sigma) * x0, so
+sampling is plain Euler integration from sigma = 1 down to sigma = 0 (`denoise.py`); the only FLUX-specific part here
+is how the sigma grid is bent towards high noise (the "shift").
 """
 
 from __future__ import annotations
@@ -122,87 +121,3 @@ def strength_start(num_steps: int, strength: float) -> int:
     if start >= num_steps:
         raise ValueError(f"strength {strength} with {num_steps} steps leaves no denoising step to run")
     return start
-
-
-def noise_latents(x: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Put clean latents x at noise level sigma on the straight path to noise (computed in float32)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    return (sigma * noise.float() + (1.0 - sigma) * x.float()).to(x.dtype)
-
-
-def euler_step(
-    x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor
-) -> torch.Tensor:
-    """One Euler step of dx/dsigma = v, in float32 because bf16 steps drift over a whole run."""
-    dt = torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)
-    return (x.float() + dt.to(x.device) * v.float()).to(x.dtype)
-
-
-def _check_even(height: int, width: int) -> None:
-    if height % 2 or width % 2:
-        raise ValueError(
-            f"latent grid {height}x{width} must have even sides to pack into 2x2 patches "
-            "(image sides must be multiples of 16 pixels)"
-        )
-
-
-def pack_latents(z: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens, row-major over 2x2 patches.
-
-    Within a token the channel index is c * 4 + dy * 2 + dx; the transformer's input layer was
-    trained on this order, so it must not change.
-    """
-    batch, channels, height, width = z.shape
-    _check_even(height, width)
-    patches = z.reshape(batch, channels, height // 2, 2, width // 2, 2)
-    # to (B, patch row, patch col, C, dy, dx) so that flattening gives tokens, then features
-    patches = patches.permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of pack_latents; height and width are the latent grid (pixels / 8), not pixels."""
-    _check_even(height, width)
-    batch, seq_len, features = tokens.shape
-    if seq_len != (height // 2) * (width // 2) or features % 4:
-        raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not fit a {height}x{width} latent grid")
-    patches = tokens.reshape(batch, height // 2, width // 2, features // 4, 2, 2)
-    patches = patches.permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(batch, features // 4, height, width)
-
-
-def latent_image_ids(
-    height: int, width: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """RoPE positions (0, row, col) of each packed token for a height x width latent grid."""
-    _check_even(height, width)
-    rows, cols = torch.meshgrid(torch.arange(height // 2, device=device),
-                                torch.arange(width // 2, device=device), indexing="ij")
-    # axis 0 stays zero for the generated image; later FLUX variants use it to mark conditioning images
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
-    # cast last: bf16 cannot count past 256 exactly
-    return ids.to(dtype)
-
-
-def text_ids(
-    seq_len: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """RoPE positions of the T5 tokens: all zero, so text carries no rotary position."""
-    return torch.zeros(seq_len, 3, device=device, dtype=dtype)
-
-
-Generators = torch.Generator | list[torch.Generator] | None
-
-
-def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device | str,
-               dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian noise drawn as the reference draws it: on the generator's device, one generator per row for a list."""
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images")
-        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat(rows).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)

@@ -1,37 +1,20 @@
 """The KL autoencoder of FLUX.1: an LDM-style VAE with 16 latent channels and no quant convs.
 
-Parameter names are those of Black Forest Labs' `ae.safetensors`, so that file loads as it is; the
-diffusers `AutoencoderKL` layout is converted on load and written on save.
+Parameter names are those of Black Forest Labs' `ae.safetensors`; `rectiflux.weights.layout` maps diffusers'
+`AutoencoderKL` names onto them.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (
-    CheckpointError,
-    load_into,
-    parse_dtype,
-    read_json,
-    read_state_dict,
-    save_state_dict,
-    strip_prefix,
-    write_json,
-)
-from .heap import keep_freed_memory
-from .sampler import Generators, draw_noise
-from .threads import threads_for
-
-BFL_PREFIXES = ("first_stage_model.", "vae.", "ae.")  # how single-file bundles nest the autoencoder
+from ..sampling.latents import Generators, draw_noise
 
 
 @dataclass
@@ -59,7 +42,7 @@ class AutoEncoderConfig:
         keys = ["in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
                 "norm_num_groups", "scaling_factor"]
         if missing := [k for k in keys if k not in cfg]:
-            raise CheckpointError(f"autoencoder config.json lacks {', '.join(missing)}")
+            raise ValueError(f"autoencoder config.json lacks {', '.join(missing)}")
         levels = len(cfg["block_out_channels"])
         unsupported = {  # diffusers' defaults apply to absent keys: quant convs are on unless switched off
             "act_fn": cfg.get("act_fn", "silu") != "silu",
@@ -70,7 +53,7 @@ class AutoEncoderConfig:
             "up_block_types": list(cfg.get("up_block_types", ())) != ["UpDecoderBlock2D"] * levels,
         }
         if bad := [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]:
-            raise CheckpointError(f"unsupported autoencoder config: {', '.join(bad)}")
+            raise ValueError(f"unsupported autoencoder config: {', '.join(bad)}")
         # SD-style VAEs have no shift (None), which is a shift of 0
         return cls(**{k: cfg[k] for k in keys}, shift_factor=cfg.get("shift_factor") or 0.0)
 
@@ -82,25 +65,6 @@ class AutoEncoderConfig:
             "act_fn": "silu", "sample_size": 1024, "force_upcast": True, "latents_mean": None, "latents_std": None,
             "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
         }
-
-    @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> AutoEncoderConfig:
-        """Read a config off the tensor shapes of a checkpoint in our (= BFL) naming.
-
-        Shapes do not show the GroupNorm group count (BFL's code fixes it at 32) nor the latent
-        scaling, so those keep FLUX's values.
-        """
-        def count(pattern: str) -> int:
-            return 1 + max(int(m[1]) for k in shapes if (m := re.match(pattern, k)))
-        try:
-            levels, layers = count(r"encoder\.down\.(\d+)\."), count(r"encoder\.down\.0\.block\.(\d+)\.")
-            return cls(
-                in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
-                latent_channels=shapes["decoder.conv_in.weight"][1], layers_per_block=layers,
-                block_out_channels=tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
-            )
-        except (KeyError, ValueError, IndexError) as e:
-            raise CheckpointError(f"not a FLUX autoencoder checkpoint (no {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,16 +207,27 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Images in [-1, 1], (B, C, H, W) -> posterior over unscaled latents (B, latent, H/f, W/f)."""
-        keep_freed_memory(x.device)
-        with threads_for(self._work(x.shape[0], x.shape[-2] * x.shape[-1]), x.device):
-            return DiagonalGaussian(self.encoder(self._channels_last(x)).contiguous())
+        return DiagonalGaussian(self.encoder(self._channels_last(x)).contiguous())
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents -> images in about [-1, 1]."""
+        return self.decoder(self._channels_last(z)).contiguous()
+
+    def encode_tiled(self, x: Tensor, tile: int, overlap: float = 0.25) -> DiagonalGaussian:
+        """`encode` in overlapping `tile`-pixel tiles whose moments are blended at the seams (bounded memory for any
+        image size; diffusers' `enable_tiling` computes the same). Images no larger than a tile are encoded whole."""
+        if x.shape[-1] <= tile and x.shape[-2] <= tile:
+            return self.encode(x)
         f = self.config.downscale
-        keep_freed_memory(z.device)
-        with threads_for(self._work(z.shape[0], z.shape[-2] * z.shape[-1] * f * f), z.device):
-            return self.decoder(self._channels_last(z)).contiguous()
+        moments = tiled(lambda t: self.encoder(self._channels_last(t)).contiguous(), x, tile, tile // f, overlap)
+        return DiagonalGaussian(moments)
+
+    def decode_tiled(self, z: Tensor, tile: int, overlap: float = 0.25) -> Tensor:
+        """`decode` in overlapping tiles of `tile` pixels (`tile / downscale` latents), blended at the seams."""
+        f = self.config.downscale
+        if z.shape[-1] <= tile // f and z.shape[-2] <= tile // f:
+            return self.decode(z)
+        return tiled(self.decode, z, tile // f, tile, overlap)
 
     @staticmethod
     def _channels_last(x: Tensor) -> Tensor:
@@ -263,8 +238,9 @@ class AutoEncoder(nn.Module):
         """
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
-    def _work(self, batch: int, pixels: int) -> int:
-        """Multiply-adds of one 3x3 convolution at full resolution (see threads.threads_for)."""
+    def work(self, batch: int, pixels: int) -> int:
+        """Multiply-adds of one 3x3 convolution over `pixels` full-resolution pixels (rectiflux.runtime.threads_for's
+        measure)."""
         return batch * pixels * self.config.block_out_channels[0] ** 2 * 9
 
     def scale_latents(self, z: Tensor) -> Tensor:
@@ -275,95 +251,31 @@ class AutoEncoder(nn.Module):
         return z / self.config.scaling_factor + self.config.shift_factor
 
 
-# ----------------------------------------------------------------------------------------------------
-# checkpoint layouts
-
-# (ours, diffusers) name pieces, applied in this order both ways: the mid-block pairs come first so that
-# `.block.` <-> `.resnets.` never touches them. Decoder level indices are flipped separately.
-_RENAMES = [
-    (".mid.block_1.", ".mid_block.resnets.0."), (".mid.block_2.", ".mid_block.resnets.1."),
-    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
-    (".mid.attn_1.q.", ".mid_block.attentions.0.to_q."), (".mid.attn_1.k.", ".mid_block.attentions.0.to_k."),
-    (".mid.attn_1.v.", ".mid_block.attentions.0.to_v."), (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
-    (".down.", ".down_blocks."), (".up.", ".up_blocks."), (".block.", ".resnets."),
-    (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
-    (".nin_shortcut.", ".conv_shortcut."), (".norm_out.", ".conv_norm_out."),
-]
-_ATTN_WEIGHT = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+def blend(a: Tensor, b: Tensor, extent: int, dim: int) -> Tensor:
+    """Fade the first `extent` rows (dim -2) or columns (dim -1) of tile `b` in from the last ones of tile `a`,
+    linearly, in place."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return b
+    shape = [1] * b.ndim
+    shape[dim] = extent
+    w = (torch.arange(extent, dtype=torch.float64, device=b.device) / extent).to(b.dtype).view(shape)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w) + head * w)
+    return b
 
 
-def _flip_up(key: str, levels: int) -> str:
-    # diffusers numbers decoder blocks in execution order (coarsest first), BFL by resolution (finest first)
-    return re.sub(r"^decoder\.up\.(-?\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", key)
-
-
-def diffusers_name(key: str, levels: int) -> str:
-    key = _flip_up(key, levels)
-    for ours, theirs in _RENAMES:
-        key = key.replace(ours, theirs)
-    return key
-
-
-def our_name(key: str, levels: int) -> str:
-    for ours, theirs in _RENAMES:
-        key = key.replace(theirs, ours)
-    return _flip_up(key, levels)
-
-
-def to_diffusers(state: Mapping[str, Tensor], cfg: AutoEncoderConfig) -> dict[str, Tensor]:
-    """Our (= BFL) layout -> diffusers; its attention projections are Linear [C, C], ours 1x1 convs [C, C, 1, 1]."""
-    n = len(cfg.block_out_channels)
-    return {diffusers_name(k, n): v.flatten(1) if _ATTN_WEIGHT.search(k) else v for k, v in state.items()}
-
-
-def from_diffusers(state: Mapping[str, Tensor], cfg: AutoEncoderConfig) -> dict[str, Tensor]:
-    out = {}
-    for key, v in state.items():
-        key = our_name(key, len(cfg.block_out_channels))
-        out[key] = v[:, :, None, None] if _ATTN_WEIGHT.search(key) and v.ndim == 2 else v
-    return out
-
-
-def from_bfl(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """BFL's ae.safetensors already uses our names; only a bundle prefix may need stripping."""
-    return strip_prefix(state, BFL_PREFIXES)
-
-
-def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                     config: AutoEncoderConfig | None = None) -> AutoEncoder:
-    """Load from a diffusers `vae/` folder (or a pipeline folder holding one) or a BFL `ae.safetensors`.
-
-    The model is built on the meta device and the memory-mapped tensors are assigned to it, so the
-    weights are never held twice. `config` overrides the one read from config.json or the shapes.
-    """
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "vae").is_dir():
-        path = path / "vae"
-    state = read_state_dict(path)
-    diffusers = any(".down_blocks." in k or ".up_blocks." in k for k in state)
-    if diffusers:
-        if not path.is_dir():
-            raise CheckpointError(f"{path} holds diffusers-layout weights: pass the folder with its config.json")
-        config = config or AutoEncoderConfig.from_diffusers(read_json(path / "config.json"))
-        state = from_diffusers(state, config)
-    else:
-        state = from_bfl(state)
-        config = config or AutoEncoderConfig.from_shapes({k: tuple(v.shape) for k, v in state.items()})
-    with torch.device("meta"):
-        model = AutoEncoder(config)
-    try:
-        load_into(model, state, parse_dtype(dtype), f"autoencoder {path}")
-    except CheckpointError as e:
-        if not diffusers:
-            raise
-        n = len(config.block_out_channels)  # name the tensors as the file does
-        raise CheckpointError(re.sub(r"[\w.-]+\.(weight|bias)\b", lambda m: diffusers_name(m[0], n), str(e))) from None
-    return model.eval()
-
-
-def save_autoencoder(model: AutoEncoder, folder: str | os.PathLike) -> None:
-    """Write a diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors)."""
-    folder = Path(folder)
-    state = to_diffusers(model.state_dict(), model.config)
-    save_state_dict(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(model.config.to_diffusers(), folder / "config.json")  # last, so a folder with a config is whole
+def tiled(code, x: Tensor, tile_in: int, tile_out: int, overlap: float) -> Tensor:
+    """Apply `code` (an encoder or decoder mapping `tile_in` to `tile_out` along each side) to overlapping tiles of
+    x, each blended into its upper and left neighbours, and join the tiles cut to their unshared part."""
+    step, extent = int(tile_in * (1 - overlap)), int(tile_out * overlap)
+    keep = tile_out - extent
+    height, width = x.shape[-2:]
+    rows = [[code(x[..., i:i + tile_in, j:j + tile_in]) for j in range(0, width, step)] for i in range(0, height, step)]
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):
+            if i > 0:
+                blend(rows[i - 1][j], t, extent, dim=-2)
+            if j > 0:
+                blend(row[j - 1], t, extent, dim=-1)
+    return torch.cat([torch.cat([t[..., :keep, :keep] for t in row], dim=-1) for row in rows], dim=-2)

@@ -9,8 +9,10 @@ import time
 import numpy as np
 import torch
 
-from .pipeline import FluxPipeline
-from .shapes import ATTRIBUTES, HELD_OUT, Scene, eval_scenes, random_scene, render, score
+from ..images import psnr
+from ..pipelines.flux import FluxPipeline
+from .checker import score
+from .world import ATTRIBUTES, HELD_OUT, Scene, eval_scenes, random_scene, render
 
 
 @torch.no_grad()
@@ -46,8 +48,7 @@ def autoencoder_psnr(pipe: FluxPipeline, n: int = 128, seed: int = 987_654) -> f
     ae = pipe.autoencoder
     x = x.to(ae.decoder.conv_in.weight)
     recon = ae.decode(ae.encode(x).mean).clamp(-1, 1)
-    mse = ((recon.float() - x.float()) / 2).pow(2).mean().item()
-    return 10 * float(np.log10(1 / max(mse, 1e-12)))
+    return psnr(recon, x, data_range=2.0)
 
 
 @torch.no_grad()

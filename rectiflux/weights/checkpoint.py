@@ -1,7 +1,7 @@
 """Checkpoint I/O shared by every model: safetensors only, memory-mapped, strict, atomic.
 
-Each model module (transformer, autoencoder) owns the map between its own parameter names and the
-diffusers / Black Forest Labs layouts; this module only knows files, folders and state dicts.
+This module only knows files, folders and state dicts; `layout.py` maps the diffusers and Black Forest Labs names
+onto ours, and the loaders beside it build the models.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ..files import atomic_write
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -316,33 +317,22 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], file: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, then a rename."""
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
+    """Write a safetensors file atomically (whole or not at all)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(file) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would make installed models unreadable to others
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(obj: dict, file: str | os.PathLike) -> None:
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, file)
+    with atomic_write(file) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(file: str | os.PathLike) -> dict:
     try:
-        return json.loads(Path(file).read_text())
+        value = json.loads(Path(file).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file}: {e}") from None
+        raise CheckpointError(f"cannot read {file}: {_first_line(e)}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value

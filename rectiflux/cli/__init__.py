@@ -1,0 +1,114 @@
+"""The `rectiflux` command line: text-to-image, img2img, inpainting, Fill, Control and Kontext edits, each PNG
+carrying the recipe that made it; training and evaluating the embedded model.
+
+Contract kept by every command:
+  * bad input exits with status 2 and exactly one line on stderr, `rectiflux: error: ...` (`--debug` adds the
+    traceback); anything else that goes wrong exits with 1, also in one line; SIGINT exits 130, SIGTERM 143, and
+    neither leaves a half-written file;
+  * everything that can be checked without the model is checked before the model is loaded;
+  * an output file appears whole or not at all, and an existing file is only replaced with `--overwrite`;
+  * stdout gets one summary line at the end; the progress bar goes to stderr, and only when stderr is a terminal.
+
+Heavy imports (torch through the pipeline, transformers) happen inside the functions that need them, so that
+`--help` and argument errors stay quick, and so that OpenMP's wait policy can still be chosen before torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from .. import __version__
+from . import generate, train
+from .options import Parser, UsageError
+from .recipe import PROG
+
+EPILOG = """examples (each runs as written, in this order):
+  rectiflux generate "a large red circle on the left on a white background" --seed 7 -o circle.png
+  rectiflux img2img "a large blue circle on the left on a white background" --image circle.png --strength 0.7 \\
+      -o blue.png
+  python3 -c "from PIL import Image; m = Image.new('L', (64, 64)); m.paste(255, (0, 0, 32, 64)); m.save('mask.png')"
+  rectiflux inpaint "a small green square on the left on a white background" --image circle.png --mask mask.png \\
+      -o square.png
+  rectiflux generate --from-png circle.png -o again.png     # the same image again
+"""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` (temporary files) runs before the exit."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Generate images with FLUX.1 models.", epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    generate.add_parsers(commands)
+    train.add_parsers(commands)
+    return parser
+
+
+def run(args) -> int:
+    if args.command is None:  # argparse's own message names the metavar only
+        raise UsageError(f"give a command: {', '.join(generate.MODES)}, train, eval ({PROG} --help lists them)")
+    if args.command == "train":
+        return train.run_train(args)
+    if args.command == "eval":
+        return train.run_eval(args)
+    return generate.run_generate(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `rectiflux` script and of `python -m rectiflux`; returns the exit status."""
+    # OpenMP threads that spin while idle make a CPU shared with other work many times slower; sleeping costs
+    # nothing measurable on an idle machine (docs/bench-omp.md). Only in effect if torch is not loaded yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # known before parsing, so that even a parse error can show its traceback
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(build_parser().parse_args(argv))
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
+    except (UsageError, ValueError) as e:  # ValueError: the pipeline's own checks (CheckpointError included)
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {generate.one_line(e)}", file=sys.stderr)
+        return 2
+    except ArithmeticError as e:  # NaN latents: the message says where and why
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {generate.one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"{PROG}: error: {type(e).__name__}: {generate.one_line(e)}{hint}", file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,274 @@
+"""The recipe of an image: the command line merged over the one stored in a rectiflux PNG, every value checked like
+input; written back into each PNG as text, with the sha256 of the model and of every input file."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .. import __version__
+from ..files import file_sha256
+from .options import (
+    DTYPES,
+    KINDS,
+    SEED_LIMIT,
+    UsageError,
+    cache_type,
+    guidance_type,
+    seed_type,
+    sequence_length_type,
+    side_type,
+    steps_type,
+    strength_type,
+    true_cfg_type,
+)
+
+PROG = "rectiflux"
+VERSION_KEY = "rectiflux_version"  # the key that marks a PNG as holding a rectiflux recipe
+RANDOM_SEED_LIMIT = 2**32  # random seeds stay short enough to read out and type back
+# the command of each mode, the model kind it needs, and the input files it reads
+MODES = {"generate": "flux", "img2img": "flux", "inpaint": "flux", "fill": "fill", "control": "control",
+         "edit": "kontext"}
+INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "fill": ("image", "mask"),
+          "control": ("control_image",), "edit": ("image",)}
+WITH_STRENGTH = ("img2img", "inpaint", "fill")
+
+
+@dataclass
+class Request:
+    mode: str
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    num_images: int
+    model: str
+    true_cfg: float
+    dtype: str | None = None  # None: chosen for the device
+    quantize: str | None = None
+    cache: float | None = None
+    blocks: str = "lazy"
+    device: str | None = None
+    kind: str | None = None
+    vae: str | None = None
+    text_encoders: str | None = None
+    steps: int | None = None  # None here and below: the model's default, filled in once it is loaded
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    strength: float | None = None
+    max_sequence_length: int | None = None
+    image: str | None = None
+    mask: str | None = None
+    control_image: str | None = None
+    redux_images: list[str] = field(default_factory=list)
+    redux_model: str | None = None
+    siglip: str | None = None
+
+    def input_files(self) -> dict[str, str]:
+        """Recipe key -> path of every input file this request reads."""
+        files = {k: getattr(self, k) for k in ("image", "mask", "control_image") if getattr(self, k)}
+        files.update({f"redux_image_{i + 1}": p for i, p in enumerate(self.redux_images)})
+        return files
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JSON list: {text[:40]!r}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError("not a JSON list of file names")
+    return value
+
+
+def _choice(choices) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+# metadata key -> parser of its text; the same parsers as the command line, so a recipe is checked like input
+RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
+    "mode": _choice(MODES), "prompt": str, "negative_prompt": str, "seed": seed_type, "steps": steps_type,
+    "guidance": guidance_type, "width": side_type, "height": side_type, "strength": strength_type,
+    "true_cfg": true_cfg_type, "max_sequence_length": sequence_length_type, "dtype": _choice(DTYPES),
+    "model": str, "model_name": str, "model_hash": str, "kind": _choice(KINDS), "vae": str, "text_encoders": str,
+    "image": str, "mask": str, "control_image": str, "redux_images": _json_list, "redux_model": str, "siglip": str,
+    "quantize": str, "cache": cache_type, VERSION_KEY: str,
+}
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The recipe stored in a rectiflux PNG, each value parsed and range-checked; input hashes under `hashes`."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no PNG file at {path} (--from-png)")
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})  # .text reads the chunks after the image data too
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    if VERSION_KEY not in text:
+        raise UsageError(f"{path} holds no rectiflux recipe (no {VERSION_KEY} text chunk)")
+    recipe: dict[str, Any] = {}
+    for key, parse in RECIPE_FIELDS.items():
+        if key in text:
+            try:
+                recipe[key] = parse(text[key])
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"{path}: bad recipe value for {key}: {e}") from None
+    recipe["hashes"] = {k[: -len("_sha256")]: v for k, v in text.items()
+                        if k.endswith("_sha256") and k != "model_sha256"}
+    return recipe
+
+
+def model_argument(model: str) -> str:
+    """What to record for --model: an existing path made absolute (so a recipe works from any folder), else the
+    name as given (an embedded model or a Hugging Face repo id)."""
+    return os.path.abspath(model) if Path(model).exists() else model
+
+
+def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
+    """Command-line values over the recipe's; what neither gives stays None for the model's defaults."""
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = getattr(args, name, None)
+        return value if value not in (None, []) else recipe.get(name, default)
+
+    mode = args.command
+    if mode == "generate" and recipe.get("mode", "generate") != "generate":
+        mode = recipe["mode"]  # `generate --from-png` reproduces whatever made the image
+    prompt = pick("prompt")
+    if prompt is None:
+        raise UsageError("give a PROMPT (or --from-png IMAGE.png to reuse a recipe)")
+    seed = pick("seed")
+    if seed is None:
+        seed = secrets.randbelow(RANDOM_SEED_LIMIT)
+    num_images = args.num_images or 1
+    if seed + num_images > SEED_LIMIT:
+        raise UsageError(f"seeds {seed}..{seed + num_images - 1} go past the largest seed {SEED_LIMIT - 1}")
+    paths = {name: os.path.abspath(v) if v else v for name in ("vae", "text_encoders", "redux_model", "siglip")
+             if (v := pick(name)) is not None and Path(v).exists()}
+    req = Request(mode=mode, prompt=prompt, negative_prompt=pick("negative_prompt"), seed=seed,
+                  num_images=num_images, model=model_argument(pick("model", "shapes")),
+                  true_cfg=pick("true_cfg", 1.0), dtype=pick("dtype"), quantize=pick("quantize"), cache=pick("cache"),
+                  blocks=args.blocks, device=args.device, kind=pick("kind"), vae=pick("vae"),
+                  text_encoders=pick("text_encoders"), steps=pick("steps"), guidance=pick("guidance"),
+                  width=pick("width"), height=pick("height"), max_sequence_length=pick("max_sequence_length"),
+                  redux_images=[os.path.abspath(p) for p in pick("redux_images", [])],
+                  redux_model=pick("redux_model"), siglip=pick("siglip"))
+    for name, value in paths.items():
+        setattr(req, name, value)
+    if mode in WITH_STRENGTH:
+        req.strength = pick("strength")
+    for name in INPUTS.get(mode, ()):
+        value = pick(name)
+        if value is None:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{mode} needs {flag}")
+        setattr(req, name, os.path.abspath(value))
+    return req
+
+
+def check_inputs_unchanged(req: Request, recipe: dict[str, Any], source: str, force: bool) -> None:
+    """Refuse (unless `force`) input files whose sha256 differs from the one the recipe recorded."""
+    for key, path in req.input_files().items():
+        recorded = recipe.get("hashes", {}).get(key)
+        if recorded is None or not Path(path).is_file():
+            continue
+        if file_sha256(path) != recorded:
+            message = (f"{path} has changed since {source} was made (sha256 {recorded[:12]} then, "
+                       f"{file_sha256(path)[:12]} now): the image would differ")
+            if not force:
+                raise UsageError(f"{message}; pass --force to use it anyway")
+            from .generate import warn
+
+            warn(message)
+
+
+def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str, str]:
+    """The PNG text chunks: every value needed to make the same image again, as text that parses back exactly
+    (repr of a float round-trips), and the sha256 of every input file."""
+    text = {"mode": req.mode, "prompt": req.prompt}
+    if req.negative_prompt is not None:
+        text["negative_prompt"] = req.negative_prompt
+    text.update(seed=str(seed), steps=str(req.steps), guidance=repr(float(req.guidance)), width=str(req.width),
+                height=str(req.height))
+    if req.strength is not None:
+        text["strength"] = repr(float(req.strength))
+    for key, path in req.input_files().items():
+        if not key.startswith("redux_image_"):
+            text[key] = path
+        text[f"{key}_sha256"] = file_sha256(path)
+    if req.redux_images:
+        text["redux_images"] = json.dumps(req.redux_images)
+    text.update(true_cfg=repr(float(req.true_cfg)), max_sequence_length=str(req.max_sequence_length),
+                dtype=req.dtype, model=req.model, model_name=str(pipe.name), model_hash=model_hash,
+                kind=pipe.kind, device=str(pipe.device), Software=f"{PROG} {__version__}")
+    for name in ("vae", "text_encoders", "redux_model", "siglip", "quantize"):
+        if getattr(req, name) is not None:
+            text[name] = str(getattr(req, name))
+    if req.cache is not None:
+        text["cache"] = repr(float(req.cache))
+    text[VERSION_KEY] = __version__
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the transformer's fingerprint
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rectiflux"
+
+
+def weights_sha256(files: Sequence[Path], cache: Path | None = None, notice: IO[str] | None = None) -> str:
+    """sha256 of the weights: of the file itself for one file (what `sha256sum` prints), else of the lines
+    "name sha256" of each shard. Hashing a full FLUX transformer reads 24 GB, so each file's hash is cached,
+    keyed by its absolute path, size and modification time."""
+    from ..files import atomic_write
+
+    cache_file = (cache or cache_dir()) / "weight-hashes.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hashes, changed = [], False
+    for file in files:
+        key = str(Path(file).absolute())
+        stat = os.stat(file)
+        entry = known.get(key)
+        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
+                and entry.get("mtime_ns") == stat.st_mtime_ns and isinstance(entry.get("sha256"), str)):
+            if notice is not None and stat.st_size > 1 << 30:
+                print(f"{PROG}: hashing {file} (once; the result is cached)", file=notice, flush=True)
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(file)}
+            known[key], changed = entry, True
+        hashes.append((Path(file).name, entry["sha256"]))
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only home only costs the next run another hash
+            with atomic_write(cache_file) as tmp:
+                tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    if len(hashes) == 1:
+        return hashes[0][1]
+    return hashlib.sha256("".join(f"{name} {h}\n" for name, h in hashes).encode()).hexdigest()
+
+
+def transformer_files(source: Path) -> list[Path]:
+    from ..weights.checkpoint import weight_files
+
+    source = Path(source)
+    return weight_files(source if source.is_file() else source / "transformer")
+

@@ -1,0 +1,115 @@
+"""`rectiflux train` (the embedded shapes model's recipe) and `rectiflux eval` (its measured quality)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .options import UsageError, debug_option, guidance_type, seed_type, steps_type, whole_type
+from .recipe import model_argument
+
+STAGE_FILES = ("checkpoint.safetensors", "metrics.jsonl")
+
+
+def add_parsers(commands) -> None:
+    p = commands.add_parser("train", help="train a model (the embedded shapes model's recipe)",
+                            description="Train the shapes-world model from scratch: the autoencoder, then the "
+                                        "transformer with guidance distillation, then export in the diffusers "
+                                        "layout. Runs under torchrun / accelerate launch unchanged.")
+    p.add_argument("--preset", default="shapes", choices=["shapes"], help="the recipe (default: shapes)")
+    p.add_argument("--out", default="runs/shapes", help="run folder: checkpoints, metrics.jsonl, samples/, model/")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    p.add_argument("--stages", default="ae,flux", help="which stages to run (default: ae,flux)")
+    p.add_argument("--export-to", help="also write the final model folder here (default: OUT/model)")
+    for name, what in [("ae-steps", "autoencoder steps"), ("flux-steps", "transformer steps"),
+                       ("distill-steps", "final transformer steps spent distilling guidance"),
+                       ("batch-size", "transformer global batch"), ("seed", "seed of the run"),
+                       ("bank-size", "images encoded once for the transformer stage"),
+                       ("log-every", "steps between metric lines"),
+                       ("checkpoint-every", "steps between checkpoints"),
+                       ("sample-every", "steps between sample grids (0: never)")]:
+        low = 0 if name in ("seed", "sample-every", "distill-steps") else 1
+        p.add_argument(f"--{name}", type=whole_type(f"--{name}", low), help=what)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    debug_option(p)
+
+    p = commands.add_parser("eval", help="measure a shapes-world model against its prompts",
+                            description="Render a fixed prompt set with fixed seeds, check every image against its "
+                                        "prompt, and print accuracy per attribute for seen and held-out pairs.")
+    p.add_argument("model", nargs="?", default="shapes", help="the model (default: the embedded shapes model)")
+    p.add_argument("--per-pair", type=whole_type("--per-pair"), default=5,
+                   help="prompts per color-shape pair (default 5: 120 prompts)")
+    p.add_argument("--seed", type=seed_type, default=0, help="first seed (prompt i uses seed + i)")
+    p.add_argument("--steps", type=steps_type, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=guidance_type, help="guidance scale (default: the model's)")
+    p.add_argument("--speed", action="store_true", help="also time one image and measure autoencoder PSNR")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    debug_option(p)
+
+
+def existing_run(out: Path, stages: tuple[str, ...]) -> list[Path]:
+    """The checkpoints and metrics of earlier runs in `out` that this run would overwrite or append to."""
+    return [out / stage / name for stage in stages for name in STAGE_FILES if (out / stage / name).exists()]
+
+
+def run_train(args: argparse.Namespace) -> int:
+    names = {"ae_steps": None, "flux_steps": None, "distill_steps": "flux", "batch_size": "flux", "seed": "",
+             "bank_size": "flux", "log_every": "", "checkpoint_every": "", "sample_every": "flux"}
+    ae, flux = {}, {}
+    for name, stage in names.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in ("ae_steps", "flux_steps"):
+            (ae if name == "ae_steps" else flux)["steps"] = value
+        else:
+            if stage in ("", "flux"):
+                flux[name] = value
+            if stage == "":
+                ae[name] = value
+    for flag in ("bf16", "grad_checkpointing"):
+        if getattr(args, flag):
+            ae[flag] = flux[flag] = True
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if not stages or set(stages) - {"ae", "flux"}:
+        raise UsageError(f"--stages takes ae, flux or both, got {args.stages!r}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    found = existing_run(Path(args.out), stages)
+    if found and not (args.resume or args.overwrite):
+        raise UsageError(f"{args.out} holds a run ({found[0]}); pass --resume to continue it or --overwrite to "
+                         "start afresh")
+    if args.overwrite:
+        for path in found:
+            path.unlink()
+    from ..shapes.recipe import train_shapes
+    from .generate import quiet_libraries
+
+    with quiet_libraries(args.debug):
+        out = train_shapes(args.out, ae_overrides=ae, flux_overrides=flux, resume=args.resume, stages=stages,
+                           export_to=args.export_to)
+    print(f"wrote the model to {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..pipelines.load import load
+    from ..shapes.evaluate import autoencoder_psnr, format_report, prompt_fidelity, seconds_per_image
+    from ..shapes.world import eval_scenes
+    from .generate import quiet_libraries
+
+    with quiet_libraries(args.debug):
+        pipe = load(model_argument(args.model))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
+    fidelity = prompt_fidelity(pipe, eval_scenes(args.per_pair), seed=args.seed, **kwargs)
+    psnr = autoencoder_psnr(pipe) if args.speed else None
+    latency = seconds_per_image(pipe) if args.speed else None
+    print(format_report(fidelity, psnr, latency))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"fidelity": fidelity, "autoencoder_psnr_db": psnr,
+                                               "seconds_per_image": latency}, indent=2) + "\n")
+    return 0

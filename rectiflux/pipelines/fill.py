@@ -1,0 +1,75 @@
+"""FLUX.1-Fill: inpainting and outpainting by a model that sees the masked image and the mask at every step.
+
+The transformer's input is 64 packed noise channels, then 64 of the masked image's latents, then the pixel mask with
+each downscale x downscale block folded into channels and packed 2x2 (256 channels for FLUX's 8x autoencoder): 384 in
+all, concatenated on channels at every step. Random numbers as diffusers' FluxFillPipeline draws them: the source
+image's posterior sample, the noise, then the masked image's posterior sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import images as im
+from ..sampling.latents import draw_noise, fold_pixels, latent_image_ids, noise_latents, pack_latents
+from .task import Call, Geometry, Prepared, size_from, to_output
+
+
+def resolve(pipe, call: Call) -> None:
+    if call.strength is None:
+        call.strength = 1.0  # diffusers' default for Fill: the masked region starts from pure noise
+    size_from(call, call.image, (pipe.defaults.width, pipe.defaults.height))
+
+
+def check(pipe, call: Call) -> None:
+    if call.image is None:
+        raise ValueError(f"{pipe.name} is a Fill model: give the image to fill (image=, --image)")
+    if call.mask_image is None and call.masked_image_latents is None:
+        raise ValueError(f"{pipe.name} is a Fill model: give mask_image (white = fill) or masked_image_latents")
+    for name in ("control_image", "padding_mask_crop"):
+        if getattr(call, name) is not None:
+            raise ValueError(f"{name} does not apply to a Fill model")
+
+
+def geometry(pipe, call: Call) -> Geometry:
+    return Geometry.rounded_up(call.width, call.height, pipe.vae_scale_factor)
+
+
+def uses_strength(call: Call) -> bool:
+    return True
+
+
+def mask_channels(mask: torch.Tensor, downscale: int) -> torch.Tensor:
+    """A (B, 1, H, W) pixel mask as the transformer's packed conditioning: (B, L, 4 * downscale^2)."""
+    return pack_latents(fold_pixels(mask, downscale))
+
+
+def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> Prepared:
+    device, dtype = pipe.device, pipe.dtype
+    pixels = im.preprocess_image(call.image, g.gen_width, g.gen_height)
+    shape = (batch, pipe.autoencoder.config.latent_channels, g.latent_h, g.latent_w)
+    if call.latents is not None:
+        x = call.latents.to(device, dtype)
+        x = pack_latents(x) if x.ndim == 4 else x
+    else:
+        source = pipe.encode_image(pixels, call.generator, batch)
+        noise = draw_noise(shape, call.generator, device, dtype)
+        x = pack_latents(noise_latents(source, noise, sigmas[0]))
+    if call.masked_image_latents is not None:
+        cond = call.masked_image_latents.to(device, dtype)
+    else:
+        mask = im.preprocess_mask(call.mask_image, g.gen_width, g.gen_height)
+        masked = pipe.encode_image(pixels * (1 - mask), call.generator, batch)
+        if batch % mask.shape[0]:
+            raise ValueError(f"{mask.shape[0]} masks cannot be spread over {batch} images")
+        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1).to(device, dtype)
+        cond = torch.cat([pack_latents(masked), mask_channels(mask, g.downscale)], dim=-1)
+    expected = pipe.transformer.config.in_channels - x.shape[-1]
+    if cond.shape[-1] != expected or cond.shape[:2] != x.shape[:2]:
+        raise ValueError(f"the Fill conditioning is {tuple(cond.shape)}; this model takes (batch {x.shape[0]}, "
+                         f"{x.shape[1]} tokens, {expected} channels)")
+    return Prepared(x, sigmas, latent_image_ids(g.latent_h, g.latent_w, device, dtype), img_cond=cond)
+
+
+def finish(pipe, call: Call, g: Geometry, pixels):
+    return to_output(pixels, call.output_type)

@@ -1,0 +1,1 @@
+"""Training: the rectified-flow and autoencoder objectives and the resumable, distributed `Trainer`."""

@@ -1,0 +1,232 @@
+"""Transformer checkpoints: the config read off a diffusers folder or a BFL file, the tensors read one unit at a
+time (a diffusers q/k/v triple straight into the rows of our fused weight), and saving in either layout."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from ..flux.config import FluxConfig
+from ..flux.transformer import Flux
+from .checkpoint import (
+    CheckpointError,
+    TensorSpan,
+    check_fits,
+    file_backed,
+    load_into,
+    parse_dtype,
+    read_json,
+    read_keys_and_shapes,
+    read_rows,
+    read_spans,
+    read_state_dict,
+    save_state_dict,
+    strip_prefix,
+    weight_files,
+    write_json,
+)
+from .layout import (
+    SWAPPED,
+    TRANSFORMER_PREFIXES,
+    blocks_of,
+    is_diffusers_transformer,
+    tensor_suffixes,
+    transformer_config_from_shapes,
+    transformer_parts,
+    transformer_to_diffusers,
+    unit_of,
+)
+from .offload import BlockWeights
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "transformer").is_dir():
+        return path / "transformer"  # a whole pipeline folder
+    return path
+
+
+def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None) -> tuple[Path, FluxConfig, bool]:
+    """(weights path, config, whether the diffusers layout) of a transformer checkpoint, reading no weight.
+
+    The config comes from config.json for the diffusers layout, else from the tensor shapes (and the config
+    our own BFL-layout saves keep in their metadata).
+    """
+    path = _resolve(path)
+    shapes = read_keys_and_shapes(path)
+    if is_diffusers_transformer(shapes):
+        config_file = (path if path.is_dir() else path.parent) / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"diffusers-layout weights {path} need their config.json beside them")
+        settings = read_json(config_file)
+        try:
+            cfg = FluxConfig.from_diffusers(settings)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_file}: {e}") from None
+        if axes_dim is not None:
+            cfg.axes_dim = tuple(axes_dim)
+        return path, cfg, True
+    if axes_dim is None:
+        axes_dim = _saved_config(path).get("axes_dim")
+    return path, transformer_config_from_shapes(strip_prefix(shapes, TRANSFORMER_PREFIXES), axes_dim), False
+
+
+class CheckpointUnits:
+    """The tensors of a transformer checkpoint, by our names, read one unit (a block, an embedder) at a time.
+
+    Only the headers are read up front. `read(unit)` builds each tensor by plain reads into fresh memory: a
+    diffusers q/k/v triple is read straight into the rows of the fused weight, so nothing is mapped or copied
+    twice. `check(model)` compares names and shapes with the model before any weight is read.
+    """
+
+    def __init__(self, path: Path, cfg: FluxConfig, diffusers_layout: bool, what: str):
+        self.path, self.what = path, what
+        self._mapped: dict[str, Tensor] | None = None
+        self._droppable = False  # whether _mapped really is file mappings, whose pages can be given back
+        spans = read_spans(path)
+        self.parts: dict[str, list[tuple[TensorSpan, int, int]]] = {}
+        self.stored: dict[str, str] = {}  # our name -> stored name, for tensors used exactly as stored
+        if diffusers_layout:
+            for ours, theirs in transformer_parts(cfg).items():
+                for our_suffix, their_suffix in tensor_suffixes(ours):
+                    keys = [f"{t}.{their_suffix}" for t in theirs]
+                    if not all(k in spans for k in keys):
+                        continue  # check() names what is missing
+                    parts = [(span, 0, span.shape[0]) for span in (spans.pop(k) for k in keys)]
+                    if ours == SWAPPED:  # stored (scale, shift), ours (shift, scale)
+                        span, _, rows = parts[0]
+                        parts = [(span, rows // 2, rows), (span, 0, rows // 2)]
+                    elif len(keys) == 1:
+                        self.stored[f"{ours}.{our_suffix}"] = keys[0]
+                    self.parts[f"{ours}.{our_suffix}"] = parts
+            renamed = spans  # whatever is left is unexpected: check() names it by its diffusers name
+        else:
+            prefix = next((p for p in TRANSFORMER_PREFIXES if spans and all(k.startswith(p) for k in spans)), "")
+            renamed = {k[len(prefix):]: v for k, v in spans.items()}
+            self.stored.update({k[len(prefix):]: k for k in spans})
+        self.parts.update({k: [(v, 0, v.shape[0] if v.shape else 1)] for k, v in renamed.items()})
+        self.units: dict[str, list[str]] = {}
+        for key in self.parts:
+            self.units.setdefault(unit_of(key), []).append(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        first = self.parts[key][0][0]
+        if len(self.parts[key]) == 1:
+            return first.shape
+        return (sum(stop - start for _, start, stop in self.parts[key]), *first.shape[1:])
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, naming the tensors, a checkpoint whose names or shapes do not fit `model`."""
+        check_fits(model, {k: self.shape(k) for k in self.parts}, self.what)
+
+    def read(self, unit: str, mapped: bool = False) -> dict[str, Tensor]:
+        """The tensors of one unit, named relative to it (`img_attn.qkv.weight` for `double_blocks.3`).
+
+        With `mapped`, tensors used exactly as stored are memory-mapped views of the file (their pages are read,
+        from the page cache, as they are used, and belong to the page cache rather than to this process's own
+        memory); only the fused ones are read into fresh memory.
+        """
+        if mapped and self._mapped is None:
+            self._mapped = read_state_dict(self.path)  # maps the files; reads no weight
+            self._droppable = file_backed(self._mapped.values())
+        strip = len(unit) + 1
+        return {k[strip:]: self._mapped[self.stored[k]] if mapped and k in self.stored
+                else read_rows(self.parts[k]).view(self.shape(k)) for k in self.units.get(unit, [])}
+
+    def mapped_tensors(self, unit: str) -> list[Tensor]:
+        """The memory-mapped views `read(unit, mapped=True)` hands out, whose pages can be given back and mapped
+        ahead (`advise_mapped`); none before the first such read, or if the files were not really mapped."""
+        if not self._droppable:
+            return []
+        return [self._mapped[self.stored[k]] for k in self.units.get(unit, []) if k in self.stored]
+
+
+BLOCK_MODES = ("memory", "lazy", "stream")
+
+
+def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
+                     axes_dim: tuple[int, ...] | None = None, device: torch.device | str | None = None,
+                     blocks: str = "memory", prepare: Callable[[nn.Module], None] | None = None) -> Flux:
+    """Load a FLUX.1 transformer from a diffusers folder or a BFL single .safetensors file.
+
+    The model is built on the meta device and the stored tensors are assigned to it, so the weights are never
+    held twice. `blocks` says when the double and single blocks are read: "memory" (now: tensors used as stored
+    are memory-mapped, a diffusers folder's q/k/v are read straight into their fused tensors), "lazy" (at first
+    use) or "stream" (before every use, freed after it). `prepare(block)` runs on each block once it is in
+    memory, in every mode (quantisation uses it). The final layer is read with the blocks (in the diffusers
+    layout its modulation's halves are swapped, a copy); the small embedders are read (mapped) at once.
+    """
+    if blocks not in BLOCK_MODES:
+        raise ValueError(f"unknown blocks mode {blocks!r}; use one of {', '.join(BLOCK_MODES)}")
+    path, cfg, diffusers_layout = read_config(path, axes_dim)
+    what = f"{'diffusers' if diffusers_layout else 'BFL'} transformer {path}"
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = Flux(cfg)
+    units = CheckpointUnits(path, cfg, diffusers_layout, what)
+    units.check(model)
+    block_names = blocks_of(cfg)
+    # Tensors used exactly as stored are memory-mapped; but where every block is rewritten (cast to another
+    # dtype, quantised), a mapping would keep the pages it touched resident beside the result, so those read
+    # into fresh memory that is freed once the block is rewritten.
+    as_stored = prepare is None and all(dtype in (None, parts[0][0].dtype) for parts in units.parts.values()
+                                        if parts[0][0].dtype.is_floating_point)
+    if blocks == "memory" and as_stored:
+        mapped = read_state_dict(path)  # memory-mapped: nothing is read until used
+        state = {k: mapped.pop(units.stored[k]) if k in units.stored else read_rows(units.parts[k]).view(units.shape(k))
+                 for k in units.parts}
+        del mapped
+        load_into(model, state, dtype, what)
+    else:
+        on_demand = [*block_names, "final_layer"]
+        for unit in units.units.keys() - set(on_demand):
+            load_into(model.get_submodule(unit), units.read(unit, mapped=as_stored), dtype, what)
+
+        def cast_and_prepare(block: nn.Module, dtype: torch.dtype | None) -> None:
+            if dtype is not None:
+                block.to(dtype)
+            if prepare is not None and block is not model.final_layer:  # `prepare` is for blocks
+                prepare(block)
+
+        weights = BlockWeights(units, "stream" if blocks == "stream" else "lazy", on_demand, cast_and_prepare,
+                               mapped=as_stored, dtype=dtype)
+        if blocks == "memory":  # one block at a time: peak is the rewritten model plus one block as stored
+            device_now = model.img_in.weight.device
+            for name in on_demand:
+                weights.before(name, model.get_submodule(name), device_now)
+        else:
+            model.block_weights = weights
+    model = model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _saved_config(path: Path) -> dict:
+    """The config we store in a BFL-layout file's metadata (BFL's own files carry none)."""
+    with safe_open(str(weight_files(path)[0]), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return json.loads(meta.get("rectiflux_config", "{}"))
+    except ValueError:
+        return {}
+
+
+def save_transformer(model: Flux, path: str | os.PathLike, layout: str = "diffusers") -> None:
+    """Save in the diffusers layout (a folder diffusers can read) or the BFL layout (one .safetensors file)."""
+    state = model.state_dict()
+    cfg = model.config
+    if layout == "diffusers":
+        path = Path(path)
+        save_state_dict(transformer_to_diffusers(state, cfg), path / "diffusion_pytorch_model.safetensors",
+                        {"format": "pt"})
+        write_json(cfg.to_diffusers(), path / "config.json")
+    elif layout == "bfl":
+        save_state_dict(state, path, {"format": "pt", "rectiflux_config": json.dumps(asdict(cfg))})
+    else:
+        raise ValueError(f"unknown layout {layout!r}; use 'diffusers' or 'bfl'")

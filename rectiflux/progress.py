@@ -16,5 +16,4 @@ def progress_bar(total: int, desc: str | None = None, disable: bool | None = Non
         disable = not (hasattr(stream, "isatty") and stream.isatty())
     options.setdefault("file", sys.stderr)
     options.setdefault("dynamic_ncols", True)
-    options.setdefault("leave", False)
     return tqdm(total=total, desc=desc, disable=disable, **options)

@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,12 @@ BAD_INPUTS = [
     (["img2img", "x"], "needs --image"),
     (["inpaint", "x", "--image", f"{IN}/image.png"], "needs --mask"),
     (["inpaint", "x", "--image", f"{IN}/image.png", "--mask", f"{IN}/small-mask.png"], "mask is 32x24"),
+    (["generate", "x", "--device", "meta"], "cannot run a pipeline"),
+    (["generate", "x", "--device", "cuda:0"], "no CUDA device"),
+    (["generate", "x", "-o", "/proc/x.png"], "cannot write /proc/x.png"),
+    (["fill", "x", "--image", f"{IN}/image.png"], "fill needs --mask"),
+    (["control", "x"], "control needs --control-image"),
+    (["edit", "x"], "edit needs --image"),
     ([], "give a command"),
 ]
 
@@ -338,3 +346,121 @@ def test_step_timer_leaves_out_the_first_step():
         for step in range(1, 4):
             timer(step, 3)
     assert timer.seconds_per_step > 0 and len(timer.intervals) == 4  # each image's first step (prompt encoding) out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the holes a new user falls into
+
+def test_prompt_that_is_not_utf8_is_refused(model, env, tmp_path):
+    proc = subprocess.run([*COMMAND, "generate", b"a red \xff circle", "--model", str(model), "-o", "out.png"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_counts_the_steps_that_ran_and_the_cached_ones(model, env, tmp_path):
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "in.png")
+    proc = run_cli(["img2img", "a blue square", "--image", "in.png", "--model", model, "--steps", "4",
+                    "--strength", "0.5", "--seed", "1", "-o", "out.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert " 2 steps at " in proc.stdout  # 4 steps at strength 0.5: 2 ran
+    proc = run_cli(["generate", "a blue square", "--model", model, "--steps", "6", "--cache", "0.5", "--seed", "1",
+                    "-o", "cached.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r" 6 steps, \d of them cached at ", proc.stdout), proc.stdout
+
+
+def test_changed_inputs_of_a_recipe_are_refused_unless_forced(model, env, tmp_path):
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "in.png")
+    proc = run_cli(["img2img", "a blue square", "--image", "in.png", "--model", model, "--seed", "2",
+                    "-o", "out.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    source_sha = hashlib.sha256((tmp_path / "in.png").read_bytes()).hexdigest()
+    assert text_of(tmp_path / "out.png")["image_sha256"] == source_sha
+    Image.new("RGB", (32, 32), (40, 200, 40)).save(tmp_path / "in.png")
+    proc = run_cli(["generate", "--from-png", "out.png", "-o", "again.png"], tmp_path, env)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "has changed since out.png was made")
+    assert "--force" in proc.stderr and not (tmp_path / "again.png").exists()
+    proc = run_cli(["generate", "--from-png", "out.png", "-o", "again.png", "--force"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("rectiflux: warning: ") and "has changed" in proc.stderr
+
+
+def test_bfl_file_with_vae_and_text_encoders_options(model, env, tmp_path):
+    from rectiflux.weights.transformer import load_transformer, save_transformer
+
+    save_transformer(load_transformer(model), tmp_path / "flux1-dev.safetensors", layout="bfl")
+    shutil.copytree(model / "vae", tmp_path / "vae")  # the tiny VAE's 8 groups do not show in a BFL file's shapes
+    proc = run_cli(["generate", "a blue square", "--model", "flux1-dev.safetensors", "-o", "x.png"], tmp_path, env)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "--vae")
+    args = ["--model", "flux1-dev.safetensors", "--vae", "vae", "--text-encoders", model,
+            "--width", "32", "--height", "32", "--steps", "2", "--seed", "4", "--max-sequence-length", "16"]
+    proc = run_cli(["generate", "a blue square", *args, "-o", "bfl.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert text_of(tmp_path / "bfl.png")["vae"] == str((tmp_path / "vae").absolute())
+    proc = run_cli(["generate", "a blue square", "--model", model, *args[6:], "--guidance", "3.5", "-o", "dir.png"],
+                   tmp_path, env)
+    np.testing.assert_array_equal(pixels(tmp_path / "bfl.png"), pixels(tmp_path / "dir.png"))
+    proc = run_cli(["generate", "--from-png", "bfl.png", "-o", "again.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "bfl.png"))
+
+
+def test_a_diffusers_transformer_file_and_bad_model_settings_are_named(model, env, tmp_path):
+    file = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    proc = run_cli(["generate", "a cat", "--model", file, "-o", "x.png"], tmp_path, env)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, f"is the transformer of the diffusers folder {model}: pass the folder")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "rectiflux.json").write_text(json.dumps({**MODEL_DEFAULTS, "steps": "many"}))
+    proc = run_cli(["generate", "a cat", "--model", broken, "-o", "x.png"], tmp_path, env)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, f"{broken / 'rectiflux.json'}: bad value for steps")
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(env, tmp_path):
+    script = textwrap.dedent("""
+        import sys, time
+        from PIL import PngImagePlugin
+        from rectiflux import cli
+        save = PngImagePlugin._save
+        def slow_save(im, fp, filename, **kw):
+            fp.write(b"half a png")
+            fp.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        PngImagePlugin._save = slow_save
+        PngImagePlugin.Image.register_save("PNG", slow_save)
+        sys.exit(cli.main(["generate", "a large red circle on the left on a white background", "-o", "out.png"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the temporary file is there now
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip() == "rectiflux: terminated"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shapes_size_it_never_saw_is_one_warning_line(env, tmp_path):
+    proc = run_cli(["generate", "a large red circle on the left", "--width", "96", "--height", "64", "--steps", "1",
+                    "-o", "x.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["rectiflux: warning: shapes was trained on 64x64 images only: at 96x64 it will "
+                                        "likely draw repeated tiles or noise"]
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / "run" / "ae").mkdir(parents=True)
+    (tmp_path / "run" / "ae" / "metrics.jsonl").write_text('{"step": 1}\n')
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--out", "run", "--stages", "ae"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "pass --resume to continue it or --overwrite")
+    assert cli.main(["train", "--out", "run", "--resume", "--overwrite"]) == 2
+    assert (tmp_path / "run" / "ae" / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -103,6 +103,8 @@ def test_weights_read_into_a_keeping_heap_take_their_own_mappings():
         print(carved, own, faults_of_a_fresh_48_mib_tensor())
     """)
     carved, own, faults = out.split()
-    assert float(carved) > 250  # every block's float copy split by the weights placed in it: fresh memory each time
+    # carved: blocks' float copies split by the weights placed in them, so later blocks take fresh memory; how much
+    # depends on where glibc's earlier allocations left the heap's top (113 to 425 MiB seen over fresh processes)
+    assert float(carved) > float(own) + 60
     assert float(own) < 160  # 64 MiB of weights and 32 MiB of activations kept for reuse
     assert int(faults) < 100  # still keeping afterwards

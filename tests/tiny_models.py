@@ -20,7 +20,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlPipeline,
+    FluxFillPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -30,6 +38,9 @@ from transformers import (
 )
 
 from rectiflux.shapes.tokenizers import CLIP_MAX_LENGTH, T5_MAX_LENGTH, WORDS, build_t5_tokenizer, write_clip_tokenizer  # noqa: F401
+
+VARIANTS = {"flux": FluxPipeline, "fill": FluxFillPipeline, "control": FluxControlPipeline,
+            "kontext": FluxKontextPipeline}
 
 
 def _build(
@@ -48,6 +59,7 @@ def _build(
     vae_norm_num_groups: int,
     text_layers: int,
     seed: int,
+    variant: str = "flux",
 ) -> None:
     if sum(axes_dims_rope) != attention_head_dim:
         raise ValueError(f"axes_dims_rope {axes_dims_rope} must sum to attention_head_dim {attention_head_dim}")
@@ -59,9 +71,16 @@ def _build(
 
     # Each model is seeded on its own so changing one part of the config leaves the others' weights alone.
     torch.manual_seed(seed)
+    n_blocks = len(vae_block_out_channels)
+    downscale = 2 ** (n_blocks - 1)
+    # latents are packed 2x2 into the channel axis; Fill and Control read their conditioning on channels too
+    in_channels = {"flux": 1, "kontext": 1, "control": 2}.get(variant, 2) * 4 * latent_channels
+    if variant == "fill":
+        in_channels += 4 * downscale ** 2  # the pixel mask, each downscale x downscale block folded, packed 2x2
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4 * latent_channels,  # latents are packed 2x2 into the channel axis
+        in_channels=in_channels,
+        out_channels=4 * latent_channels,
         num_layers=num_layers,
         num_single_layers=num_single_layers,
         attention_head_dim=attention_head_dim,
@@ -72,7 +91,6 @@ def _build(
         axes_dims_rope=axes_dims_rope,
     )
     torch.manual_seed(seed + 1)
-    n_blocks = len(vae_block_out_channels)
     # FLUX's VAE has 4 blocks (8x); here vae_scale_factor = 2 ** (n_blocks - 1).
     vae = AutoencoderKL(
         in_channels=3,
@@ -131,7 +149,7 @@ def _build(
         base_shift=0.5,
         max_shift=1.15,
     )
-    pipe = FluxPipeline(
+    pipe = VARIANTS[variant](
         scheduler=scheduler,
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -175,10 +193,12 @@ def make_tiny_flux_folder(
     vae_norm_num_groups: int = 8,
     text_layers: int = 2,
     seed: int = 0,
+    variant: str = "flux",
 ) -> Path:
     """Write a complete tiny random FLUX pipeline (diffusers layout, safetensors) to `path` and return it.
 
-    `guidance_embeds=True` mimics FLUX.1-dev (the scheduler always has dev's dynamic shifting).
+    `guidance_embeds=True` mimics FLUX.1-dev (the scheduler always has dev's dynamic shifting). `variant` is
+    "flux", "fill", "control" or "kontext": the transformer's input width and the pipeline class follow it.
     The VAE downsamples by 2 ** (len(vae_block_out_channels) - 1), so the defaults give 2x and image
     sides must be multiples of 4. Each configuration is built once per process, then copied.
     """
@@ -196,7 +216,32 @@ def make_tiny_flux_folder(
         vae_norm_num_groups=vae_norm_num_groups,
         text_layers=text_layers,
         seed=seed,
+        variant=variant,
     )
     path = Path(path)
     shutil.copytree(cached, path, dirs_exist_ok=True)
+    return path
+
+
+def make_tiny_redux_folder(path: str | Path, *, joint_attention_dim: int = 32, seed: int = 0) -> Path:
+    """A tiny random FLUX.1-Redux folder as diffusers' FluxPriorReduxPipeline saves it: SigLIP (image_encoder/,
+    feature_extractor/) and the projector (image_embedder/) into T5's width `joint_attention_dim`."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:
+        from transformers import SiglipImageProcessor as Processor
+
+    torch.manual_seed(seed)
+    encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=32, patch_size=8))
+    processor = Processor(size={"height": 32, "width": 32})
+    torch.manual_seed(seed + 1)
+    embedder = ReduxImageEncoder(redux_dim=16, txt_in_features=joint_attention_dim)
+    path = Path(path)
+    FluxPriorReduxPipeline(image_encoder=encoder.eval(), feature_extractor=processor,
+                           image_embedder=embedder.eval()).save_pretrained(path, safe_serialization=True)
     return path

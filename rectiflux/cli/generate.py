@@ -67,6 +67,10 @@ def add_parsers(commands) -> None:
         if "control_image" in inputs:
             p.add_argument("--control-image", metavar="PATH", dest="control_image",
                            help="the edge or depth map to follow (rectiflux.images.canny makes one from a photo)")
+        if mode == "edit":
+            p.add_argument("--keep-reference-size", action="store_true", dest="keep_reference_size", default=None,
+                           help="use --image at its own size (each side floored to a multiple of 16) instead of "
+                                "resizing it to the nearest resolution Kontext was trained on")
         if mode == "generate":
             p.add_argument("--redux-image", metavar="PATH", action="append", dest="redux_images", default=[],
                            help="FLUX.1-Redux: make variations of this image (repeatable: the images are mixed)")
@@ -320,7 +324,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if req.mode == "edit" and (req.width is None or req.height is None):
         from ..pipelines.kontext import output_size
 
-        width, height = output_size(pipe, images["image"])
+        width, height = output_size(pipe, images["image"], auto_resize=not req.keep_reference_size)
         req.width, req.height = req.width or width, req.height or height
     req.width, req.height = req.width or d.width, req.height or d.height
     req.max_sequence_length = req.max_sequence_length or d.max_sequence_length
@@ -348,13 +352,13 @@ def run_generate(args: argparse.Namespace) -> int:
     for k, path in enumerate(paths):
         seed = req.seed + k
         pipe.set_progress_bar_config(desc=f"{k + 1}/{len(paths)} seed {seed}" if len(paths) > 1 else f"seed {seed}",
-                                     disable=not tty)
+                                     disable=not tty, leave=False)
         timer.start()
         out = pipe(**prompt_args, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg,
                    **inputs, strength=req.strength, width=req.width,
                    height=req.height, num_inference_steps=req.steps, guidance_scale=req.guidance, seed=seed,
                    max_sequence_length=req.max_sequence_length, output_type="pil", progress=timer,
-                   cache_threshold=req.cache)
+                   cache_threshold=req.cache, **({"_auto_resize": False} if req.keep_reference_size else {}))
         ran, cached = ran + out.steps, cached + out.cached_steps
         # each image is saved as soon as it is made: stopping a long batch keeps what is done
         write_png(out.images[0], path, recipe_text(req, seed, pipe, model_hash), args.overwrite)

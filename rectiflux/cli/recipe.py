@@ -71,6 +71,7 @@ class Request:
     redux_images: list[str] = field(default_factory=list)
     redux_model: str | None = None
     siglip: str | None = None
+    keep_reference_size: bool = False
 
     def input_files(self) -> dict[str, str]:
         """Recipe key -> path of every input file this request reads."""
@@ -104,7 +105,7 @@ RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
     "true_cfg": true_cfg_type, "max_sequence_length": sequence_length_type, "dtype": _choice(DTYPES),
     "model": str, "model_name": str, "model_hash": str, "kind": _choice(KINDS), "vae": str, "text_encoders": str,
     "image": str, "mask": str, "control_image": str, "redux_images": _json_list, "redux_model": str, "siglip": str,
-    "quantize": str, "cache": cache_type, VERSION_KEY: str,
+    "quantize": str, "cache": cache_type, "keep_reference_size": _choice(("true",)), VERSION_KEY: str,
 }
 
 
@@ -168,7 +169,8 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
                   text_encoders=pick("text_encoders"), steps=pick("steps"), guidance=pick("guidance"),
                   width=pick("width"), height=pick("height"), max_sequence_length=pick("max_sequence_length"),
                   redux_images=[os.path.abspath(p) for p in pick("redux_images", [])],
-                  redux_model=pick("redux_model"), siglip=pick("siglip"))
+                  redux_model=pick("redux_model"), siglip=pick("siglip"),
+                  keep_reference_size=bool(pick("keep_reference_size")))
     for name, value in paths.items():
         setattr(req, name, value)
     if mode in WITH_STRENGTH:
@@ -222,6 +224,8 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
             text[name] = str(getattr(req, name))
     if req.cache is not None:
         text["cache"] = repr(float(req.cache))
+    if req.keep_reference_size:
+        text["keep_reference_size"] = "true"
     text[VERSION_KEY] = __version__
     return text
 

@@ -27,6 +27,7 @@ class AutoEncoderConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.3611
     shift_factor: float = 0.1159
+    sample_size: int = 1024  # the image size it was trained on: the default tile of tiled coding (diffusers' too)
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
@@ -54,15 +55,17 @@ class AutoEncoderConfig:
         }
         if bad := [f"{k}={cfg.get(k)!r}" for k, v in unsupported.items() if v]:
             raise ValueError(f"unsupported autoencoder config: {', '.join(bad)}")
+        sample = cfg.get("sample_size", 1024)
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         # SD-style VAEs have no shift (None), which is a shift of 0
-        return cls(**{k: cfg[k] for k in keys}, shift_factor=cfg.get("shift_factor") or 0.0)
+        return cls(**{k: cfg[k] for k in keys}, shift_factor=cfg.get("shift_factor") or 0.0, sample_size=int(sample))
 
     def to_diffusers(self) -> dict[str, Any]:
         levels = len(self.block_out_channels)
         return {
             "_class_name": "AutoencoderKL", **asdict(self), "block_out_channels": list(self.block_out_channels),
             "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "act_fn": "silu", "sample_size": 1024, "force_upcast": True, "latents_mean": None, "latents_std": None,
+            "act_fn": "silu", "force_upcast": True, "latents_mean": None, "latents_std": None,
             "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
         }
 
@@ -200,34 +203,59 @@ class DiagonalGaussian:
 
 
 class AutoEncoder(nn.Module):
+    """The autoencoder. Like diffusers' AutoencoderKL it can code a batch one image at a time (`enable_slicing`: less
+    memory, the same images) and large images in overlapping tiles blended at the seams (`enable_tiling`: bounded
+    memory for any size, tiles of `tile_sample_min_size` pixels, by default the size it was trained on)."""
+
     def __init__(self, config: AutoEncoderConfig | None = None):
         super().__init__()
         self.config = config or AutoEncoderConfig()
         self.encoder, self.decoder = Encoder(self.config), Decoder(self.config)
+        self.use_slicing = self.use_tiling = False
+        self.tile_sample_min_size = self.config.sample_size
+        self.tile_overlap_factor = 0.25
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self, use_tiling: bool = True) -> None:
+        self.use_tiling = use_tiling
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        return self.tile_sample_min_size // self.config.downscale
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Images in [-1, 1], (B, C, H, W) -> posterior over unscaled latents (B, latent, H/f, W/f)."""
-        return DiagonalGaussian(self.encoder(self._channels_last(x)).contiguous())
+        if self.use_slicing and x.shape[0] > 1:
+            return DiagonalGaussian(torch.cat([self._moments(x[i:i + 1]) for i in range(x.shape[0])]))
+        return DiagonalGaussian(self._moments(x))
+
+    def _moments(self, x: Tensor) -> Tensor:
+        def whole(t: Tensor) -> Tensor:
+            return self.encoder(self._channels_last(t)).contiguous()
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return tiled(whole, x, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor)
+        return whole(x)
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents -> images in about [-1, 1]."""
-        return self.decoder(self._channels_last(z)).contiguous()
+        if self.use_slicing and z.shape[0] > 1:
+            return torch.cat([self._decode(z[i:i + 1]) for i in range(z.shape[0])])
+        return self._decode(z)
 
-    def encode_tiled(self, x: Tensor, tile: int, overlap: float = 0.25) -> DiagonalGaussian:
-        """`encode` in overlapping `tile`-pixel tiles whose moments are blended at the seams (bounded memory for any
-        image size; diffusers' `enable_tiling` computes the same). Images no larger than a tile are encoded whole."""
-        if x.shape[-1] <= tile and x.shape[-2] <= tile:
-            return self.encode(x)
-        f = self.config.downscale
-        moments = tiled(lambda t: self.encoder(self._channels_last(t)).contiguous(), x, tile, tile // f, overlap)
-        return DiagonalGaussian(moments)
-
-    def decode_tiled(self, z: Tensor, tile: int, overlap: float = 0.25) -> Tensor:
-        """`decode` in overlapping tiles of `tile` pixels (`tile / downscale` latents), blended at the seams."""
-        f = self.config.downscale
-        if z.shape[-1] <= tile // f and z.shape[-2] <= tile // f:
-            return self.decode(z)
-        return tiled(self.decode, z, tile // f, tile, overlap)
+    def _decode(self, z: Tensor) -> Tensor:
+        def whole(t: Tensor) -> Tensor:
+            return self.decoder(self._channels_last(t)).contiguous()
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return tiled(whole, z, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor)
+        return whole(z)
 
     @staticmethod
     def _channels_last(x: Tensor) -> Tensor:

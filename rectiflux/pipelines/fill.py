@@ -21,11 +21,16 @@ def resolve(pipe, call: Call) -> None:
     size_from(call, call.image, (pipe.defaults.width, pipe.defaults.height))
 
 
+def uses_strength(call: Call) -> bool:
+    return call.image is not None
+
+
 def check(pipe, call: Call) -> None:
-    if call.image is None:
-        raise ValueError(f"{pipe.name} is a Fill model: give the image to fill (image=, --image)")
-    if call.mask_image is None and call.masked_image_latents is None:
-        raise ValueError(f"{pipe.name} is a Fill model: give mask_image (white = fill) or masked_image_latents")
+    if call.masked_image_latents is None and (call.image is None or call.mask_image is None):
+        raise ValueError(f"{pipe.name} is a Fill model: give the image to fill and its mask_image (white = fill), "
+                         "or masked_image_latents")
+    if call.image is None and call.latents is None and call.strength != 1:
+        raise ValueError("strength below 1 needs the image to start from")
     for name in ("control_image", "padding_mask_crop"):
         if getattr(call, name) is not None:
             raise ValueError(f"{name} does not apply to a Fill model")
@@ -35,10 +40,6 @@ def geometry(pipe, call: Call) -> Geometry:
     return Geometry.rounded_up(call.width, call.height, pipe.vae_scale_factor)
 
 
-def uses_strength(call: Call) -> bool:
-    return True
-
-
 def mask_channels(mask: torch.Tensor, downscale: int) -> torch.Tensor:
     """A (B, 1, H, W) pixel mask as the transformer's packed conditioning: (B, L, 4 * downscale^2)."""
     return pack_latents(fold_pixels(mask, downscale))
@@ -46,11 +47,13 @@ def mask_channels(mask: torch.Tensor, downscale: int) -> torch.Tensor:
 
 def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> Prepared:
     device, dtype = pipe.device, pipe.dtype
-    pixels = im.preprocess_image(call.image, g.gen_width, g.gen_height)
+    pixels = im.preprocess_image(call.image, g.gen_width, g.gen_height) if call.image is not None else None
     shape = (batch, pipe.autoencoder.config.latent_channels, g.latent_h, g.latent_w)
     if call.latents is not None:
         x = call.latents.to(device, dtype)
         x = pack_latents(x) if x.ndim == 4 else x
+    elif pixels is None:  # masked_image_latents alone: from pure noise
+        x = pack_latents(draw_noise(shape, call.generator, device, dtype))
     else:
         source = pipe.encode_image(pixels, call.generator, batch)
         noise = draw_noise(shape, call.generator, device, dtype)

@@ -109,8 +109,6 @@ class FluxPipeline:
         self._progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
         self._offload: _Offload | None = None
-        self._vae_slicing = False
-        self._vae_tiling: dict[str, Any] | None = None
         self._warned: set[str] = set()
 
     @classmethod
@@ -153,9 +151,10 @@ class FluxPipeline:
 
     @property
     def components(self) -> dict[str, Any]:
+        # image_encoder and feature_extractor are diffusers' IP-Adapter slots, empty there too
         return {"scheduler": self.scheduler, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
                 "tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2, "transformer": self.transformer,
-                "vae": self.vae}
+                "vae": self.vae, "image_encoder": None, "feature_extractor": None}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -253,27 +252,20 @@ class FluxPipeline:
                 model.to("cpu")
 
     def enable_vae_slicing(self) -> None:
-        """Decode a batch one image at a time (less memory, the same pixels)."""
-        self._vae_slicing = True
+        """Decode a batch one image at a time (less memory, the same pixels): `pipe.vae.enable_slicing()`."""
+        self.autoencoder.enable_slicing()
 
     def disable_vae_slicing(self) -> None:
-        self._vae_slicing = False
+        self.autoencoder.disable_slicing()
 
-    def enable_vae_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float = 0.25) -> None:
-        """Encode and decode large images in overlapping tiles blended at the seams, so memory stays bounded.
-
-        Tiles are `tile_sample_min_size` pixels (default 1024 for FLUX's autoencoder, diffusers' too) with 25%
-        overlap; images no larger than a tile are coded whole."""
-        size = tile_sample_min_size or 128 * self.vae_scale_factor
-        if size % self.vae_scale_factor or size < 2 * self.vae_scale_factor:
-            raise ValueError(f"tile_sample_min_size must be a multiple of {self.vae_scale_factor} of at least "
-                             f"{2 * self.vae_scale_factor}, got {size}")
-        if not 0 <= tile_overlap_factor < 1:
-            raise ValueError(f"tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}")
-        self._vae_tiling = {"tile": size, "overlap": tile_overlap_factor}
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode large images in overlapping tiles blended at the seams, so memory stays bounded:
+        `pipe.vae.enable_tiling()`. Tiles are `pipe.vae.tile_sample_min_size` pixels (the autoencoder's
+        `sample_size`, 1024 for FLUX's, as in diffusers) with 25% overlap; smaller images are coded whole."""
+        self.autoencoder.enable_tiling()
 
     def disable_vae_tiling(self) -> None:
-        self._vae_tiling = None
+        self.autoencoder.disable_tiling()
 
     def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
         """Accepted for diffusers scripts and does nothing: attention runs in SDPA's fused kernels, which never hold
@@ -337,20 +329,15 @@ class FluxPipeline:
                 generator = generator[0]
             with runtime.threads_for(ae.work(pixels.shape[0], pixels.shape[-2] * pixels.shape[-1]), self.device):
                 if isinstance(generator, list):  # image i is drawn with generator i, as the reference does
-                    posteriors = [self._posterior(pixels[i:i + 1]) for i in range(pixels.shape[0])]
+                    posteriors = [ae.encode(pixels[i:i + 1]) for i in range(pixels.shape[0])]
                     z = torch.cat([p.sample(generator[i]) if sample else p.mode() for i, p in enumerate(posteriors)])
                 else:
-                    posterior = self._posterior(pixels)
+                    posterior = ae.encode(pixels)
                     z = posterior.sample(generator) if sample else posterior.mode()
         z = ae.scale_latents(z).to(self.device, self.dtype)
         if batch % z.shape[0]:
             raise ValueError(f"{z.shape[0]} images cannot be spread over {batch} generated images")
         return torch.cat([z] * (batch // z.shape[0]))
-
-    def _posterior(self, pixels: Tensor):
-        if self._vae_tiling is not None:
-            return self.autoencoder.encode_tiled(pixels, self._vae_tiling["tile"], self._vae_tiling["overlap"])
-        return self.autoencoder.encode(pixels)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor, geometry: Geometry) -> np.ndarray:
@@ -359,13 +346,7 @@ class FluxPipeline:
         z = ae.unscale_latents(unpack_latents(latents, geometry.latent_h, geometry.latent_w))
         f = self.vae_scale_factor
         with self._on_device(ae), runtime.threads_for(ae.work(1, z.shape[-2] * z.shape[-1] * f * f), self.device):
-            z = z.to(self.device, ae.decoder.conv_in.weight.dtype)
-            rows = [z[i:i + 1] for i in range(z.shape[0])] if self._vae_slicing else [z]
-            if self._vae_tiling is not None:
-                tile, overlap = self._vae_tiling["tile"], self._vae_tiling["overlap"]
-                decoded = torch.cat([ae.decode_tiled(r, tile, overlap) for r in rows])
-            else:
-                decoded = torch.cat([ae.decode(r) for r in rows])
+            decoded = ae.decode(z.to(self.device, ae.decoder.conv_in.weight.dtype))
         pixels = im.postprocess(decoded)
         gen_h, gen_w = pixels.shape[1:3]
         if (gen_h, gen_w) != (geometry.height, geometry.width):  # generated at the next multiple: centre-crop

@@ -10,8 +10,8 @@ Forward kernels, chosen per call (`QuantizedLinear.kernel_for` says which one a 
   applies the per-channel scale inside the kernel, so no float copy of the weight is ever made;
 * ``int_mm``: with ``activations="int8"`` each token (row of the input) is quantised symmetric to int8 on the
   fly and `torch._int_mm` computes an exact int32 product, rescaled by the token and channel scales. Only where
-  that product is fast: CPUs without int8 dot-product instructions (AVX2 only, no VNNI/AMX) run `_int_mm` some
-  30x slower than a float32 matmul, so there `int8_matmul_is_fast` sends these calls to ``dequant`` and the
+  that product is fast: CPUs without int8 dot-product instructions (AVX2 only, no VNNI/AMX) run `_int_mm` far
+  slower than a float32 matmul, so there `int8_matmul_is_fast` sends these calls to ``dequant`` and the
   activations stay float;
 * ``dequant``: everything else (float8 weights, int8 elsewhere than on CPU, shapes `_int_mm` refuses)
   dequantises the weight to float for this call and runs an ordinary matmul.
@@ -71,11 +71,10 @@ def int8_matmul_is_fast() -> bool:
     """Whether `torch._int_mm` on this CPU beats a float32 matmul of the same shape (measured once per process).
 
     The int8 x int8 product is only fast with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX). On an
-    AVX2-only CPU torch 2.13 runs a generic kernel (python -m benchmarks.kernels, 2-core AMD EPYC: 4 GFLOP/s
-    against 125 in float32, which made the medium benchmark step 372 s instead of 15 s). Timing the two kernels
-    answers for the CPU at hand, where reading instruction-set flags would have to guess what torch's kernel
-    uses. The probe is a 128 x 1024 @ 1024 x 512 product timed 4 times against its float32 twin
-    (`python -m benchmarks.kernels` prints its answer and time).
+    AVX2-only CPU torch 2.13 runs a generic kernel many times slower than float32 (`python -m benchmarks.kernels`
+    measures both; docs/benchmarks.md). Timing the two kernels answers for the CPU at hand, where reading
+    instruction-set flags would have to guess what torch's kernel uses. The probe is a 128 x 1024 @ 1024 x 512
+    product timed 4 times against its float32 twin (`python -m benchmarks.kernels` prints its answer and time).
     """
     global INT8_MATMUL_FAST
     if INT8_MATMUL_FAST is None:
@@ -123,8 +122,8 @@ class _Scratch(threading.local):
     """Per-thread scratch tensors reused from one call to the next.
 
     A fresh tensor above glibc's mmap threshold (32 MiB at most) is a new mapping whose pages fault on first
-    touch; in a VM that costs several times the arithmetic of a pass over it (python -m benchmarks.kernels:
-    8.2 ms to multiply a 1280 x 7680 float32 tensor into a new tensor, 1.5 ms into an existing one). The int8
+    touch; in a VM that costs several times the arithmetic of a pass over it (`python -m benchmarks.kernels`
+    times a multiplication into a new tensor and into an existing one). The int8
     path makes three temporaries per linear, so they live here. A scratch tensor never leaves the function that
     asked for it.
     """
@@ -205,9 +204,9 @@ class QuantizedLinear(nn.Module):
                     and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
                     and (x.device.type == "cuda" or int8_matmul_is_fast())):
                 return "int_mm"
-            # _weight_int8pack_mm's time grows with every row (python -m benchmarks.kernels, Xeon with AMX: 8.8 ms
-            # for 1 row of a 9216 x 3072 weight against 55.6 ms to dequantise, 115 ms against 61.6 ms for 16), so
-            # it is only the kernel for a few rows: the modulations' single row, decoding-like calls
+            # _weight_int8pack_mm's time grows with every row while dequantising costs the same for any count
+            # (python -m benchmarks.kernels), so it is only the kernel for a few rows: the modulations' single
+            # row, decoding-like calls
             if (_INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
                     and m <= INT8PACK_MAX_ROWS):
                 return "int8pack"
@@ -313,8 +312,8 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
     float checkpoint is quantised while it loads (peak: the quantised model plus one float block).
 
     With int8 activations the blocks' attention runs in bfloat16 where the CPU has bf16 kernels (AVX512-BF16 or
-    AMX; 3x faster than float32 there: python -m benchmarks.kernels) and on GPUs: the int8 path is lossy already,
-    and attention was the largest float32 cost left in it.
+    AMX, where it is faster than float32: python -m benchmarks.kernels) and on GPUs: the int8 path is lossy
+    already, and attention was the largest float32 cost left in it.
     """
     _check_format(weights, activations)
 

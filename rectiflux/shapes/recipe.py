@@ -23,6 +23,7 @@ from ..weights.autoencoder import load_autoencoder, save_autoencoder
 from ..weights.checkpoint import write_json
 from ..weights.text_encoders import load_text_encoders
 from ..weights.transformer import load_transformer, save_transformer
+from .world import SIZE, vocabulary
 
 SHAPES_AE = AutoEncoderConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8)
 SHAPES_FLUX = FluxConfig(in_channels=64, num_heads=2, head_dim=64, depth=2, depth_single=4,
@@ -30,6 +31,8 @@ SHAPES_FLUX = FluxConfig(in_channels=64, num_heads=2, head_dim=64, depth=2, dept
 SHAPES_TEXT = {"hidden": 64, "layers": 2, "heads": 2}
 SHAPES_DEFAULTS = {"steps": 8, "guidance": 5.0, "width": 64, "height": 64, "max_sequence_length": 20,
                    "strength": 0.7}
+# what the model knows, stored with it so that the pipeline can warn outside it
+SHAPES_FACTS = {"known_sizes": [[SIZE, SIZE]], "known_words": vocabulary()}
 SHAPES_SCHEDULER = SchedulerConfig(shift=1.0, use_dynamic_shifting=False)
 SHAPES_STAGES = {
     "ae": TrainConfig(stage="ae", steps=5000, batch_size=8, lr=1e-3, warmup=100, ema_decay=0.995,
@@ -92,7 +95,7 @@ def export_shapes(out: Path, flux: Flux, autoencoder: AutoEncoder, text_dir: Pat
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
     }, out / "model_index.json")
-    write_json(SHAPES_DEFAULTS, out / "rectiflux.json")
+    write_json({**SHAPES_DEFAULTS, **SHAPES_FACTS}, out / "rectiflux.json")
     return out
 
 

@@ -55,6 +55,14 @@ def random_scene(rng: random.Random, allow_held_out: bool = False) -> Scene:
             return scene
 
 
+def vocabulary() -> list[str]:
+    """Every word a caption of the world can hold, sorted."""
+    words = {"a", "on", "background", *BACKGROUNDS, *COLORS, *SHAPES, *SIZES}
+    for phrase in POSITION_WORDS.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
 def random_caption(scene: Scene, rng: random.Random) -> str:
     """A training caption: color and shape always; size, position and background each left out at times,
     in a few word orders, so the model learns the words rather than one sentence."""

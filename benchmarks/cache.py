@@ -36,9 +36,11 @@ def render(pipe, prompts: list[str], steps: int, size: int | None, threshold: fl
     return np.concatenate(images), (time.perf_counter() - start) / len(prompts), steps - cached / len(prompts)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> str:
-    mse = float(((a - b) ** 2).mean())
-    return "identical" if mse == 0 else f"{10 * np.log10(1 / mse):.1f}"
+def psnr_text(a: np.ndarray, b: np.ndarray) -> str:
+    from rectiflux.images import psnr
+
+    db = psnr(a, b)
+    return "identical" if db == float("inf") else f"{db:.1f}"
 
 
 def run(name: str, pipe, prompts: list[str], steps: int, size: int | None, thresholds: list[float]) -> list[str]:
@@ -49,7 +51,7 @@ def run(name: str, pipe, prompts: list[str], steps: int, size: int | None, thres
     for threshold in thresholds:
         images, cached_s, full = render(pipe, prompts, steps, size, threshold)
         lines.append(f"| {name} | {steps} | {threshold:g} | {cached_s:.3g} | {seconds / cached_s:.2f} | "
-                     f"{psnr(images, reference)} | {full:.1f} |")
+                     f"{psnr_text(images, reference)} | {full:.1f} |")
         print(lines[-1], flush=True)
     return lines
 

@@ -12,7 +12,6 @@ step cache against the float32 model; bfloat16 against float32. Each line says w
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +28,6 @@ COMMON = {"height": 32, "width": 48, "num_inference_steps": 3, "guidance_scale":
           "output_type": "np"}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def picture(width: int, height: int) -> Image.Image:
@@ -57,6 +53,8 @@ class Checks:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rectiflux.images import psnr
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)

@@ -4,8 +4,9 @@
 
 Two sizes: bench.py's medium VAE (widths 32-64, one ResNet per level) at 512x512, and FLUX.1's own architecture
 (widths 128-512, two per level) at 256x256. Each side runs in its own process, the sides alternating repeat by
-repeat (the heap settings of rectiflux.heap are process-wide, so sharing a process would lend them to diffusers);
-each process times 3 calls after a warm-up and reports the median. Float32, 2 threads, OMP_WAIT_POLICY=PASSIVE.
+repeat (the heap settings of rectiflux.runtime.heap are process-wide, so sharing a process would lend them to
+diffusers); each process times 3 calls after a warm-up and reports the median. Float32, 2 threads,
+OMP_WAIT_POLICY=PASSIVE.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def measure(side: str, folder: Path, size: int, out: Path) -> dict:
 
     torch.set_num_threads(2)
     if side == "rectiflux":
+        from rectiflux.runtime import heap
         from rectiflux.weights.autoencoder import load_autoencoder
 
+        heap.keep_freed_memory("cpu")  # as a pipeline's generation does
         vae = load_autoencoder(folder)
         decode, encode = vae.decode, lambda x: vae.encode(x).mean
     else:
@@ -116,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {label} | {call} | {cells[0]} | {cells[1]} | "
                              f"{statistics.median(ours) / statistics.median(theirs):.2f} | {diff:.1e} |")
                 print(lines[-1], flush=True)
-    lines += ["", "Where the difference comes from (rectiflux.autoencoder): activations in channels-last layout on the "
-              "CPU, which oneDNN convolves without reordering them; the mid-block attention's projections as linears "
-              "over (pixels, channels), so SDPA takes its fused kernel (a 1x1 convolution's strides sent it to the "
-              "math fallback); in-place SiLU and residual adds without autograd; freed activations reused from the "
-              "heap (rectiflux.heap)."]
+    lines += ["", "Where the difference comes from (rectiflux.flux.autoencoder): activations in channels-last layout "
+              "on the CPU, which oneDNN convolves without reordering them; the mid-block attention's projections as "
+              "linears over (pixels, channels), so SDPA takes its fused kernel (a 1x1 convolution's strides sent it "
+              "to the math fallback); in-place SiLU and residual adds without autograd; freed activations reused "
+              "from the heap (rectiflux.runtime.heap)."]
     write_report(args.out, lines)
     return 0
 

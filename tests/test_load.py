@@ -96,3 +96,17 @@ def test_quantized_pipeline_stays_close_to_float32(folder):
         load(folder, quantize="int4")
     with pytest.raises(ValueError, match="quantize_file"):
         load(folder, quantize="int8", blocks="stream")
+
+
+def test_a_transformer_of_no_known_variant_is_refused_with_the_known_widths(folder, tmp_path):
+    from rectiflux.flux.config import FluxConfig
+    from rectiflux.pipelines.load import detect_kind
+
+    for width, kind in ((64, "flux"), (128, "control"), (384, "fill")):
+        assert detect_kind(FluxConfig(in_channels=width, out_channels=64), 16, 8) == kind
+    with pytest.raises(CheckpointError, match=r"in_channels 96 .* 64 \(text-to-image or Kontext\), 128 \(control\), "
+                                              r"384 \(fill\)") as e:
+        detect_kind(FluxConfig(in_channels=96, out_channels=64), 16, 8)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown kind 'redux'"):
+        detect_kind(FluxConfig(), 16, 8, kind="redux")

@@ -46,13 +46,14 @@ def readme_section(title: str) -> str:
     return "\n".join(re.findall(r"```bash\n(.*?)```", section, flags=re.S))
 
 
-def run(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+def run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     if argv[0] == "rectiflux":
         argv = [*RECTIFLUX, *argv[1:]]
     elif argv[0] == "python3":
         argv = [sys.executable, *argv[1:]]
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stderr}"
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -109,5 +110,6 @@ def test_training_section(env, tmp_path):
     lines = commands(readme_section("The embedded model and the trainer"))
     assert [a[1] for a in lines] == ["train", "eval"]
     train, evaluate = lines
-    run([*train, *QUICK_TRAINING], tmp_path, env)
-    run([*evaluate, "--per-pair", "1"], tmp_path, env)
+    proc = run([*train, *QUICK_TRAINING], tmp_path, env)
+    assert proc.stderr == ""  # no bar off a terminal, and none of transformers' "Writing model shards" bars
+    assert "all" in run([*evaluate, "--per-pair", "1"], tmp_path, env).stdout

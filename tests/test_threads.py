@@ -52,3 +52,32 @@ def test_the_embedded_models_run_their_tiny_calls_on_one_thread(monkeypatch, two
     sleeping = pipe("a red circle", seed=1, num_inference_steps=2, output_type="pt").images
     assert set(counts) == {1} and len(counts) == 5 and torch.get_num_threads() == 2
     assert (spinning - sleeping).abs().max() < 1e-5
+
+
+def test_overlapping_calls_from_threads_restore_the_count(monkeypatch, two_threads):
+    """Two requests of a server overlap: whichever ends last restores the count, never leaving the process on one
+    thread (toggling without a lock read 1 as the count to restore)."""
+    import threading
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    cpu = torch.device("cpu")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with threads_for(10, cpu):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with threads_for(10, cpu):
+            second_in.set()
+            first_out.wait(10)  # the first call ends while this one runs
+
+    workers = [threading.Thread(target=first), threading.Thread(target=second)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert torch.get_num_threads() == 2

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .. import images as im
-from ..sampling.latents import draw_noise, latent_image_ids, pack_latents
-from .task import Call, Geometry, Prepared, size_from, to_output
+from ..sampling.latents import latent_image_ids, pack_latents
+from .task import Call, Geometry, Prepared, given_latents, noise, refuse, size_from
+from .task import finish as finish  # this task decodes as the others do
 
 
 def resolve(pipe, call: Call) -> None:
@@ -22,9 +23,7 @@ def resolve(pipe, call: Call) -> None:
 def check(pipe, call: Call) -> None:
     if call.control_image is None:
         raise ValueError(f"{pipe.name} is a Control model: give the control image (control_image=, --control-image)")
-    for name in ("image", "mask_image", "masked_image_latents", "padding_mask_crop"):
-        if getattr(call, name) is not None:
-            raise ValueError(f"{name} does not apply to a Control model (it is guided by control_image only)")
+    refuse(call, "Control", ("image", "mask_image", "masked_image_latents", "padding_mask_crop"))
 
 
 def geometry(pipe, call: Call) -> Geometry:
@@ -46,14 +45,8 @@ def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> 
     else:
         pixels = pixels.repeat_interleave(batch // pixels.shape[0], dim=0)
     cond = pack_latents(pipe.encode_image(pixels, call.generator, batch))
-    shape = (batch, pipe.autoencoder.config.latent_channels, g.latent_h, g.latent_w)
-    if call.latents is not None:
-        x = call.latents.to(device, dtype)
-        x = pack_latents(x) if x.ndim == 4 else x
-    else:
-        x = pack_latents(draw_noise(shape, call.generator, device, dtype))
+    x = given_latents(call, device, dtype)
+    if x is None:
+        x = pack_latents(noise(pipe, call, g, batch))
     return Prepared(x, sigmas, latent_image_ids(g.latent_h, g.latent_w, device, dtype), img_cond=cond)
 
-
-def finish(pipe, call: Call, g: Geometry, pixels):
-    return to_output(pixels, call.output_type)

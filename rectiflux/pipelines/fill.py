@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from .. import images as im
-from ..sampling.latents import draw_noise, fold_pixels, latent_image_ids, noise_latents, pack_latents
-from .task import Call, Geometry, Prepared, size_from, to_output
+from ..sampling.latents import fold_pixels, latent_image_ids, noise_latents, pack_latents
+from .task import Call, Geometry, Prepared, given_latents, noise, refuse, size_from
+from .task import finish as finish  # this task decodes as the others do
 
 
 def resolve(pipe, call: Call) -> None:
@@ -31,9 +32,7 @@ def check(pipe, call: Call) -> None:
                          "or masked_image_latents")
     if call.image is None and call.latents is None and call.strength != 1:
         raise ValueError("strength below 1 needs the image to start from")
-    for name in ("control_image", "padding_mask_crop"):
-        if getattr(call, name) is not None:
-            raise ValueError(f"{name} does not apply to a Fill model")
+    refuse(call, "Fill", ("control_image", "padding_mask_crop"))
 
 
 def geometry(pipe, call: Call) -> Geometry:
@@ -48,16 +47,12 @@ def mask_channels(mask: torch.Tensor, downscale: int) -> torch.Tensor:
 def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> Prepared:
     device, dtype = pipe.device, pipe.dtype
     pixels = im.preprocess_image(call.image, g.gen_width, g.gen_height) if call.image is not None else None
-    shape = (batch, pipe.autoencoder.config.latent_channels, g.latent_h, g.latent_w)
-    if call.latents is not None:
-        x = call.latents.to(device, dtype)
-        x = pack_latents(x) if x.ndim == 4 else x
-    elif pixels is None:  # masked_image_latents alone: from pure noise
-        x = pack_latents(draw_noise(shape, call.generator, device, dtype))
-    else:
+    x = given_latents(call, device, dtype)
+    if x is None and pixels is None:  # masked_image_latents alone: from pure noise
+        x = pack_latents(noise(pipe, call, g, batch))
+    elif x is None:
         source = pipe.encode_image(pixels, call.generator, batch)
-        noise = draw_noise(shape, call.generator, device, dtype)
-        x = pack_latents(noise_latents(source, noise, sigmas[0]))
+        x = pack_latents(noise_latents(source, noise(pipe, call, g, batch), sigmas[0]))
     if call.masked_image_latents is not None:
         cond = call.masked_image_latents.to(device, dtype)
     else:
@@ -73,6 +68,3 @@ def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> 
                          f"{x.shape[1]} tokens, {expected} channels)")
     return Prepared(x, sigmas, latent_image_ids(g.latent_h, g.latent_w, device, dtype), img_cond=cond)
 
-
-def finish(pipe, call: Call, g: Geometry, pixels):
-    return to_output(pixels, call.output_type)

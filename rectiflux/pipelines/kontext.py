@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from .. import images as im
-from ..sampling.latents import draw_noise, latent_image_ids, pack_latents
-from .task import Call, Geometry, Prepared, to_output
+from ..sampling.latents import latent_image_ids, pack_latents
+from .task import Call, Geometry, Prepared, given_latents, noise, refuse
+from .task import finish as finish  # this task decodes as the others do
 
 # (width, height) of the images Kontext was trained on
 PREFERRED_RESOLUTIONS = [
@@ -61,9 +62,7 @@ def resolve(pipe, call: Call) -> None:
 def check(pipe, call: Call) -> None:
     if call.image is None:
         raise ValueError(f"{pipe.name} is a Kontext model: give the image to edit (image=, --image)")
-    for name in ("mask_image", "masked_image_latents", "control_image", "padding_mask_crop"):
-        if getattr(call, name) is not None:
-            raise ValueError(f"{name} does not apply to a Kontext model")
+    refuse(call, "Kontext", ("mask_image", "masked_image_latents", "control_image", "padding_mask_crop"))
     if not isinstance(call.max_area, int) or call.max_area < 256:
         raise ValueError(f"max_area must be a whole number of pixels of at least 256, got {call.max_area!r}")
     w, h = im.image_size(im.first(call.image))
@@ -96,16 +95,10 @@ def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> 
     pixels = reference_pixels(call.image, 2 * pipe.vae_scale_factor, call._auto_resize)
     reference = pipe.encode_image(pixels, call.generator, batch, sample=False)  # the mean: no random draw
     ref_h, ref_w = reference.shape[-2:]
-    shape = (batch, pipe.autoencoder.config.latent_channels, g.latent_h, g.latent_w)
-    if call.latents is not None:
-        x = call.latents.to(device, dtype)
-        x = pack_latents(x) if x.ndim == 4 else x
-    else:
-        x = pack_latents(draw_noise(shape, call.generator, device, dtype))
+    x = given_latents(call, device, dtype)
+    if x is None:
+        x = pack_latents(noise(pipe, call, g, batch))
     return Prepared(x, sigmas, latent_image_ids(g.latent_h, g.latent_w, device, dtype),
                     img_cond_seq=pack_latents(reference),
                     img_cond_seq_ids=latent_image_ids(ref_h, ref_w, device, dtype, index=1))
 
-
-def finish(pipe, call: Call, g: Geometry, pixels):
-    return to_output(pixels, call.output_type)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import images as im
 from ..sampling.denoise import Inpainting
-from ..sampling.latents import Generators
+from ..sampling.latents import Generators, draw_noise, pack_latents
 
 
 @dataclass
@@ -140,3 +140,28 @@ def to_output(pixels: np.ndarray, output_type: str) -> list | np.ndarray | Tenso
     if output_type == "pt":
         return torch.from_numpy(pixels).permute(0, 3, 1, 2)
     return im.to_pil(pixels)
+
+
+def refuse(call: Call, kind: str, names: tuple[str, ...]) -> None:
+    """One line for an argument this kind of model does not take (rather than ignoring it)."""
+    for name in names:
+        if getattr(call, name) is not None:
+            raise ValueError(f"{name} does not apply to a {kind} model")
+
+
+def given_latents(call: Call, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """The caller's `latents`, packed, or None."""
+    if call.latents is None:
+        return None
+    x = call.latents.to(device, dtype)
+    return pack_latents(x) if x.ndim == 4 else x
+
+
+def noise(pipe, call: Call, g: Geometry, batch: int) -> Tensor:
+    """Fresh noise in the latents' unpacked shape, drawn as the reference draws it."""
+    shape = (batch, pipe.autoencoder.config.latent_channels, g.latent_h, g.latent_w)
+    return draw_noise(shape, call.generator, pipe.device, pipe.dtype)
+
+
+def finish(pipe, call: Call, g: Geometry, pixels: np.ndarray) -> list | np.ndarray | Tensor:
+    return to_output(pixels, call.output_type)

@@ -11,8 +11,8 @@ import torch
 
 from .. import images as im
 from ..sampling.denoise import Inpainting
-from ..sampling.latents import draw_noise, latent_image_ids, noise_latents, pack_latents
-from .task import Call, Geometry, Prepared, size_from, to_output
+from ..sampling.latents import latent_image_ids, noise_latents, pack_latents
+from .task import Call, Geometry, Prepared, given_latents, noise, refuse, size_from, to_output
 
 
 def resolve(pipe, call: Call) -> None:
@@ -24,10 +24,8 @@ def resolve(pipe, call: Call) -> None:
 
 
 def check(pipe, call: Call) -> None:
-    for name in ("control_image", "masked_image_latents"):
-        if getattr(call, name) is not None:
-            raise ValueError(f"{name} is for a {'Control' if name == 'control_image' else 'Fill'} model; "
-                             f"{pipe.name} is a text-to-image model")
+    refuse(call, "text-to-image (control_image is for a Control model, masked_image_latents for a Fill one)",
+           ("control_image", "masked_image_latents"))
 
 
 def geometry(pipe, call: Call) -> Geometry:
@@ -47,25 +45,22 @@ def crop_box(call: Call, g: Geometry):
 def prepare(pipe, call: Call, g: Geometry, batch: int, sigmas: torch.Tensor) -> Prepared:
     device, dtype = pipe.device, pipe.dtype
     box = crop_box(call, g)
-    shape = (batch, pipe.transformer.config.in_channels // 4, g.latent_h, g.latent_w)
-    source = noise = None
+    source = drawn = None
     if call.image is not None:
         pixels = im.preprocess_image(call.image, g.gen_width, g.gen_height, box, fill=box is not None)
         source = pipe.encode_image(pixels, call.generator, batch)
-    if call.latents is not None:
-        x = call.latents.to(device, dtype)
-        x = pack_latents(x) if x.ndim == 4 else x
-    else:
-        noise = draw_noise(shape, call.generator, device, dtype)
-        x = pack_latents(noise if source is None else noise_latents(source, noise, sigmas[0]))
+    x = given_latents(call, device, dtype)
+    if x is None:
+        drawn = noise(pipe, call, g, batch)
+        x = pack_latents(drawn if source is None else noise_latents(source, drawn, sigmas[0]))
     inpainting = None
     if call.mask_image is not None:
         m = im.preprocess_mask(call.mask_image, g.gen_width, g.gen_height, box, fill=box is not None)
         m = torch.nn.functional.interpolate(m, size=(g.latent_h, g.latent_w)).to(device, dtype)
         if batch % m.shape[0]:
             raise ValueError(f"{m.shape[0]} masks cannot be spread over {batch} images")
-        mask = pack_latents(m.repeat(batch // m.shape[0], shape[1], 1, 1))
-        inpainting = Inpainting(mask, pack_latents(source), pack_latents(noise) if noise is not None else x)
+        mask = pack_latents(m.repeat(batch // m.shape[0], source.shape[1], 1, 1))
+        inpainting = Inpainting(mask, pack_latents(source), pack_latents(drawn) if drawn is not None else x)
     return Prepared(x, sigmas, latent_image_ids(g.latent_h, g.latent_w, device, dtype), inpainting=inpainting)
 
 

@@ -5,7 +5,6 @@ folder (`rectiflux train --preset shapes`)."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..flux.transformer import Flux
 from ..sampling.schedule import SchedulerConfig
 from ..training.trainer import TrainConfig, Trainer, init_distributed
 from ..weights.autoencoder import load_autoencoder, save_autoencoder
-from ..weights.checkpoint import write_json
+from ..weights.checkpoint import read_json, read_state_dict, save_state_dict, write_json
 from ..weights.text_encoders import load_text_encoders
 from ..weights.transformer import load_transformer, save_transformer
 from .world import SIZE, vocabulary
@@ -79,14 +78,12 @@ def export_shapes(out: Path, flux: Flux, autoencoder: AutoEncoder, text_dir: Pat
             shutil.rmtree(out / sub)
         shutil.copytree(text_dir / sub, out / sub)
     if half:  # store the text encoders in half precision too
-        from safetensors.torch import load_file, save_file
         for sub in ("text_encoder", "text_encoder_2"):
             for file in (out / sub).glob("*.safetensors"):
-                save_file({k: v.half() for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
-            cfg_file = out / sub / "config.json"
-            cfg = json.loads(cfg_file.read_text())
-            cfg["dtype"] = cfg["torch_dtype"] = "float16"
-            cfg_file.write_text(json.dumps(cfg, indent=2))
+                state = {k: v.half() for k, v in read_state_dict(file, mmap=False).items()}
+                save_state_dict(state, file, {"format": "pt"})
+            cfg = read_json(out / sub / "config.json")
+            write_json({**cfg, "dtype": "float16", "torch_dtype": "float16"}, out / sub / "config.json")
     write_json({**SHAPES_SCHEDULER.to_diffusers()}, out / "scheduler" / "scheduler_config.json")
     write_json({
         "_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for beside in (False, True):
-            busy = subprocess.Popen([sys.executable, "-c", BUSY], env={**os.environ, "OMP_WAIT_POLICY": ""}) \
-                if beside else None
+            unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # a busy neighbour spins
+            busy = subprocess.Popen([sys.executable, "-c", BUSY], env=unset) if beside else None
             try:
                 for label, extra in CASES.items():
                     times: dict[str, list[float]] = {"PASSIVE": [], "unset": []}
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
              "matrices on every core, as a training run beside it would.", "",
              "| machine | image | PASSIVE (s) | unset (s) | PASSIVE / unset |", "|---|---|---|---|---|", *rows, "",
              "`rectiflux` sets OMP_WAIT_POLICY=PASSIVE before torch loads unless the environment sets it; Python "
-             "programs using the library choose their own (the README says how)."]
+             "programs using the library choose their own (the README says how). Idle, the README's command costs "
+             "the same either way; the larger image, four times the size the embedded model knows, pays for waking "
+             "sleeping threads on its hundreds of tiny ops per step (docs/bench-threads.md); beside other work, "
+             "spinning threads fight it for the cores."]
     write_report(args.out, lines)
     return 0
 

@@ -27,10 +27,10 @@ from .linear import (
     FLOAT8_DTYPES,
     WEIGHT_DTYPES,
     QuantizedLinear,
-    _check_format,
-    _check_skip,
-    _quantize_linears,
-    _replace,
+    check_format,
+    check_skip,
+    quantize_linears,
+    replace_module,
 )
 
 METADATA_CONFIG = "rectiflux_config"  # the same key save_transformer uses for its BFL files
@@ -103,7 +103,7 @@ def load_quantized(path: str | os.PathLike, activations: str | None = None,
     if weights not in WEIGHT_DTYPES:
         raise CheckpointError(f"{path} is not a quantized transformer (metadata {METADATA_FORMAT}={weights!r}); "
                               "convert a float checkpoint with quantize_file")
-    _check_format(weights, activations)
+    check_format(weights, activations)
     if blocks not in BLOCK_MODES:
         raise ValueError(f"unknown blocks mode {blocks!r}; use one of {', '.join(BLOCK_MODES)}")
     try:
@@ -126,7 +126,7 @@ def load_quantized(path: str | os.PathLike, activations: str | None = None,
             problems.append(f"{name}{SCALE_SUFFIX} (no quantizable linear {name})")
             continue
         accepted.append(name)
-        _replace(model, name, QuantizedLinear(module.in_features, module.out_features, module.bias is not None,
+        replace_module(model, name, QuantizedLinear(module.in_features, module.out_features, module.bias is not None,
                                               weights, activations, device="meta"))
     # check_fits checks names and shapes; the dtypes are checked here, since a float weight beside a scale (or
     # an int8 one without) would load and then compute garbage
@@ -173,9 +173,9 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, weights: str =
     (float32 by default, like load_transformer), so the result equals
     quantize_transformer(load_transformer(src)).
     """
-    _check_format(weights, None)
+    check_format(weights, None)
     dtype = parse_dtype(dtype)
-    skip = _check_skip(skip)
+    skip = check_skip(skip)
     path, cfg, diffusers_layout = read_config(src, axes_dim)
     what = f"{'diffusers' if diffusers_layout else 'BFL'} transformer {path}"
     with torch.device("meta"):
@@ -187,6 +187,6 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, weights: str =
         # quantize_weight widens each weight to float32 by itself, one linear at a time, so casting a bf16 block
         # to float32 first would only double its peak; the float parts left are cast after quantisation
         load_into(module, units.read(unit), None, f"{what} ({unit})")
-        _quantize_linears(module, unit, weights, None, skip)
+        quantize_linears(module, unit, weights, None, skip)
         _copy_float_parameters(module, dtype)
     save_quantized(model, dst)

@@ -90,7 +90,7 @@ def int8_matmul_is_fast() -> bool:
     return INT8_MATMUL_FAST
 
 
-def _check_format(weights: str, activations: str | None) -> None:
+def check_format(weights: str, activations: str | None) -> None:
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weight format {weights!r}; use 'int8' or 'float8'")
     if activations not in ACTIVATIONS:
@@ -101,7 +101,7 @@ def _check_format(weights: str, activations: str | None) -> None:
 
 def quantize_weight(weight: Tensor, weights: str = "int8") -> tuple[Tensor, Tensor]:
     """(out, in) float weight -> (quantised weight, float32 scale per output row), symmetric."""
-    _check_format(weights, None)
+    check_format(weights, None)
     w = weight.detach().float()  # bf16/fp16 widen exactly, so the result does not depend on the stored dtype
     amax = w.abs().amax(dim=1)
     # an all-zero row would give scale 0 and 0/0 = NaN codes: any positive scale encodes it as zeros
@@ -170,7 +170,7 @@ class QuantizedLinear(nn.Module):
                  activations: str | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        _check_format(weights, activations)
+        check_format(weights, activations)
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=WEIGHT_DTYPES[weights],
@@ -262,22 +262,22 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _quantize_linears(root: nn.Module, prefix: str, weights: str, activations: str | None,
+def quantize_linears(root: nn.Module, prefix: str, weights: str, activations: str | None,
                       skip: Iterable[str]) -> None:
     """Swap every nn.Linear under `root` (whose name in the whole model is `prefix`) not covered by `skip`."""
     for name, module in list(root.named_modules()):
         full = f"{prefix}.{name}" if prefix and name else prefix or name
         if isinstance(module, nn.Linear) and not _skipped(full, skip):
             # one at a time: once swapped, the float weight has no reference left in the model and is freed
-            _replace(root, name, QuantizedLinear.from_linear(module, weights, activations))
+            replace_module(root, name, QuantizedLinear.from_linear(module, weights, activations))
 
 
-def _check_skip(skip: Iterable[str]) -> tuple[str, ...]:
+def check_skip(skip: Iterable[str]) -> tuple[str, ...]:
     skip = tuple(skip)
     if "img_in" not in skip:
         # Flux.dtype is read off img_in.weight: an int8 weight there would make the model cast its inputs to int8
@@ -293,8 +293,8 @@ def quantize_transformer(model: Flux, weights: str = "int8", activations: str | 
     by default that is every linear of the double and single blocks (see DEFAULT_SKIP for why the rest stays
     float). Pass e.g. ``skip=("img_in",)`` to quantise the embedders and the final layer too.
     """
-    _check_format(weights, activations)
-    _quantize_linears(model, "", weights, activations, _check_skip(skip))
+    check_format(weights, activations)
+    quantize_linears(model, "", weights, activations, check_skip(skip))
     return model
 
 
@@ -302,7 +302,7 @@ def set_activations(model: nn.Module, activations: str | None) -> nn.Module:
     """Switch the activation mode of every QuantizedLinear in `model` (the stored weights do not change)."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            _check_format(module.weights, activations)
+            check_format(module.weights, activations)
             module.activations = activations
     return model
 
@@ -315,10 +315,10 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
     AMX, where it is faster than float32: python -m benchmarks.kernels) and on GPUs: the int8 path is lossy
     already, and attention was the largest float32 cost left in it.
     """
-    _check_format(weights, activations)
+    check_format(weights, activations)
 
     def prepare(block: nn.Module) -> None:
-        _quantize_linears(block, "", weights, activations, ())
+        quantize_linears(block, "", weights, activations, ())
         if activations == "int8":
             device = next(block.parameters()).device
             if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():

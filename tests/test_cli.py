@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tiny_models import make_tiny_flux_folder
@@ -464,3 +465,33 @@ def test_train_refuses_to_overwrite_a_run(tmp_path, monkeypatch, capsys):
     assert_one_error_line(capsys.readouterr().err, "pass --resume to continue it or --overwrite")
     assert cli.main(["train", "--out", "run", "--resume", "--overwrite"]) == 2
     assert (tmp_path / "run" / "ae" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_lora_option_recipe_and_changed_file(model, env, tmp_path):
+    from rectiflux.weights.checkpoint import save_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 16, generator=g) * 0.5,
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(48, 4, generator=g) * 0.5,
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}
+    save_state_dict(lora, tmp_path / "style.safetensors")
+    args = ["generate", "a blue square", "--model", model, "--seed", "6"]
+    assert run_cli([*args, "-o", "plain.png"], tmp_path, env).returncode == 0
+    proc = run_cli([*args, "--lora", "style.safetensors:0.8", "-o", "lora.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    recorded = json.loads(text_of(tmp_path / "lora.png")["loras"])
+    assert recorded == [{"file": str(tmp_path / "style.safetensors"), "name": "style.safetensors", "scale": 0.8,
+                         "sha256": hashlib.sha256((tmp_path / "style.safetensors").read_bytes()).hexdigest()}]
+    assert not np.array_equal(pixels(tmp_path / "lora.png"), pixels(tmp_path / "plain.png"))
+    proc = run_cli(["generate", "--from-png", "lora.png", "-o", "again.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "lora.png"))
+    save_state_dict({**lora, "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)},
+                    tmp_path / "style.safetensors")
+    proc = run_cli(["generate", "--from-png", "lora.png", "-o", "changed.png"], tmp_path, env)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "no longer matches the one that made lora.png")
+    save_state_dict({"lora_unet_nowhere.lora_down.weight": torch.zeros(4, 16)}, tmp_path / "bad.safetensors")
+    proc = run_cli([*args, "--lora", "bad.safetensors", "-o", "bad.png"], tmp_path, env)
+    assert proc.returncode == 2
+    assert_one_error_line(proc.stderr, "no module of this pipeline takes: lora_unet_nowhere.lora_down.weight")

@@ -60,11 +60,14 @@ def build_parser() -> Parser:
 
 def run(args) -> int:
     if args.command is None:  # argparse's own message names the metavar only
-        raise UsageError(f"give a command: {', '.join(generate.MODES)}, train, eval ({PROG} --help lists them)")
+        raise UsageError(f"give a command: {', '.join(generate.MODES)}, train, train-lora, eval ({PROG} --help lists "
+                         "them)")
     if args.command == "train":
         return train.run_train(args)
     if args.command == "eval":
         return train.run_eval(args)
+    if args.command == "train-lora":
+        return train.run_train_lora(args)
     return generate.run_generate(args)
 
 

@@ -29,6 +29,7 @@ from .recipe import (
     VERSION_KEY,
     Request,
     check_inputs_unchanged,
+    check_loras_unchanged,
     make_request,
     read_recipe,
     recipe_text,
@@ -301,6 +302,10 @@ def run_generate(args: argparse.Namespace) -> int:
     check_limits(req)
     if recipe:
         check_inputs_unchanged(req, recipe, str(args.from_png), args.force)
+        check_loras_unchanged(req, recipe, str(args.from_png), args.force)
+    for path, _ in req.loras:
+        if not Path(path).is_file():
+            raise UsageError(f"no LoRA file at {path} (--lora)")
     if req.negative_prompt is not None and req.true_cfg <= 1:
         warn("--negative-prompt has no effect unless --true-cfg is above 1")
     elif req.negative_prompt is None and req.true_cfg > 1:
@@ -314,6 +319,11 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"{PROG}: loading {req.model} ({req.dtype}, {device})", file=sys.stderr, flush=True)
     with quiet_libraries(args.debug):
         pipe = load_pipeline(req, device)
+    if req.loras:
+        names = [f"lora{i + 1}" for i in range(len(req.loras))]
+        for name, (path, _) in zip(names, req.loras, strict=True):
+            pipe.load_lora_weights(path, adapter_name=name)
+        pipe.set_adapters(names, [scale for _, scale in req.loras])
     needed = MODES[req.mode]
     if pipe.kind != needed:
         raise UsageError(f"{PROG} {req.mode} needs {KIND_NAMES[needed]} model; {req.model} is {KIND_NAMES[pipe.kind]}"

@@ -93,6 +93,20 @@ def _non_negative(what: str):
     return parse
 
 
+def lora_type(text: str) -> tuple[str, float]:
+    """PATH[:SCALE]: a LoRA file and its weight (1 when left out)."""
+    path, _, scale = str(text).rpartition(":")
+    if path and scale:
+        try:
+            value = float(scale)
+        except ValueError:
+            return str(text), 1.0  # a colon that is part of the path
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"the LoRA scale must be a finite number, got {scale!r}")
+        return path, value
+    return str(text), 1.0
+
+
 cache_type = _non_negative("the cache threshold")
 true_cfg_type = _non_negative("the true CFG scale")
 scale_type = _non_negative("the scale")
@@ -112,6 +126,9 @@ def model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoders", metavar="PATH_OR_REPO",
                    help="for a BFL single file: a diffusers FLUX folder or repo id holding text_encoder, tokenizer, "
                         "text_encoder_2 and tokenizer_2 (default: the file's folder)")
+    g.add_argument("--lora", type=lora_type, action="append", dest="loras", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA (any common format: diffusers/peft, kohya, XLabs, LyCORIS, ComfyUI) at SCALE "
+                        "(default 1); repeatable, the LoRAs add up")
     g.add_argument("--kind", choices=KINDS, help="the model's variant when its weights cannot tell (a BFL Kontext "
                                                  "file has FLUX.1-dev's keys; default: detected)")
     g.add_argument("--dtype", choices=DTYPES, help="weights and compute type (default: bfloat16 on CUDA, "

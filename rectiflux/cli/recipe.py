@@ -72,6 +72,7 @@ class Request:
     redux_model: str | None = None
     siglip: str | None = None
     keep_reference_size: bool = False
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (absolute path, scale)
 
     def input_files(self) -> dict[str, str]:
         """Recipe key -> path of every input file this request reads."""
@@ -90,6 +91,17 @@ def _json_list(text: str) -> list[str]:
     return value
 
 
+def _loras(text: str) -> list[dict]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JSON list: {text[:40]!r}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) and isinstance(v.get("file"), str)
+                                              and isinstance(v.get("scale"), (int, float)) for v in value):
+        raise argparse.ArgumentTypeError("not a list of LoRAs (file, scale, sha256)")
+    return value
+
+
 def _choice(choices) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -105,7 +117,8 @@ RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
     "true_cfg": true_cfg_type, "max_sequence_length": sequence_length_type, "dtype": _choice(DTYPES),
     "model": str, "model_name": str, "model_hash": str, "kind": _choice(KINDS), "vae": str, "text_encoders": str,
     "image": str, "mask": str, "control_image": str, "redux_images": _json_list, "redux_model": str, "siglip": str,
-    "quantize": str, "cache": cache_type, "keep_reference_size": _choice(("true",)), VERSION_KEY: str,
+    "quantize": str, "cache": cache_type, "keep_reference_size": _choice(("true",)), "loras": _loras,
+    VERSION_KEY: str,
 }
 
 
@@ -170,7 +183,9 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
                   width=pick("width"), height=pick("height"), max_sequence_length=pick("max_sequence_length"),
                   redux_images=[os.path.abspath(p) for p in pick("redux_images", [])],
                   redux_model=pick("redux_model"), siglip=pick("siglip"),
-                  keep_reference_size=bool(pick("keep_reference_size")))
+                  keep_reference_size=bool(pick("keep_reference_size")),
+                  loras=[(os.path.abspath(p), s) for p, s in args.loras] if args.loras else
+                  [(v["file"], float(v["scale"])) for v in recipe.get("loras", [])])
     for name, value in paths.items():
         setattr(req, name, value)
     if mode in WITH_STRENGTH:
@@ -182,6 +197,26 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
             raise UsageError(f"{mode} needs {flag}")
         setattr(req, name, os.path.abspath(value))
     return req
+
+
+def check_loras_unchanged(req: Request, recipe: dict[str, Any], source: str, force: bool) -> None:
+    """Refuse (unless `force`) a recipe's LoRA whose file no longer has the sha256 the recipe recorded."""
+    recorded = {v["file"]: v.get("sha256") for v in recipe.get("loras", [])}
+    for path, _ in req.loras:
+        want = recorded.get(path)
+        if want is None:
+            continue
+        if not Path(path).is_file():
+            raise UsageError(f"the LoRA {path} that made {source} is gone")
+        got = file_sha256(path)
+        if got != want:
+            message = (f"the LoRA {path} no longer matches the one that made {source} (sha256 {want[:12]} then, "
+                       f"{got[:12]} now): the image would differ")
+            if not force:
+                raise UsageError(f"{message}; pass --force to use it anyway")
+            from .generate import warn
+
+            warn(message)
 
 
 def check_inputs_unchanged(req: Request, recipe: dict[str, Any], source: str, force: bool) -> None:
@@ -226,6 +261,9 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
         text["cache"] = repr(float(req.cache))
     if req.keep_reference_size:
         text["keep_reference_size"] = "true"
+    if req.loras:
+        text["loras"] = json.dumps([{"file": p, "name": Path(p).name, "sha256": file_sha256(p), "scale": s}
+                                    for p, s in req.loras])
     text[VERSION_KEY] = __version__
     return text
 

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import UsageError, debug_option, guidance_type, seed_type, steps_type, whole_type
+from ..training import DEFAULT_TARGETS
+from .options import UsageError, debug_option, guidance_type, scale_type, seed_type, steps_type, whole_type
 from .recipe import model_argument
 
 STAGE_FILES = ("checkpoint.safetensors", "metrics.jsonl")
@@ -34,6 +35,39 @@ def add_parsers(commands) -> None:
         p.add_argument(f"--{name}", type=whole_type(f"--{name}", low), help=what)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    debug_option(p)
+
+    p = commands.add_parser("train-lora", help="train LoRA adapters on a folder of captioned images",
+                            description="Fine-tune LoRA adapters of a model's transformer on the images of DATA, each "
+                                        "with a .txt caption beside it (as kohya and ai-toolkit read them). Writes "
+                                        "OUT/pytorch_lora_weights.safetensors (diffusers/peft layout; "
+                                        "--format kohya: OUT/lora.safetensors). Runs under torchrun / accelerate "
+                                        "launch unchanged.")
+    p.add_argument("data", metavar="DATA", help="the folder of images and captions")
+    p.add_argument("--model", default="shapes", help="the model to adapt (default: the embedded shapes model)")
+    p.add_argument("--out", default="runs/lora", help="run folder: the LoRA, checkpoint.safetensors, metrics.jsonl")
+    p.add_argument("--rank", type=whole_type("--rank"), default=16, help="adapter rank (default 16)")
+    p.add_argument("--alpha", type=scale_type, help="scale numerator: the adapters add alpha/rank x their product "
+                                                    "(default: the rank)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated endings of the block linear layers to adapt (our names; default: "
+                        f"{','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--steps", type=whole_type("--steps"), default=500)
+    p.add_argument("--batch-size", type=whole_type("--batch-size"), default=8)
+    p.add_argument("--lr", type=scale_type, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--timesteps", choices=("logit-normal", "shifted"), default="logit-normal",
+                   help="noise levels drawn logit-normal, or shifted as the sampler shifts them for the image size")
+    p.add_argument("--guidance", type=guidance_type, default=1.0, help="distilled guidance value while training")
+    p.add_argument("--caption-dropout", type=scale_type, default=0.0, help="share of empty captions")
+    p.add_argument("--resolution", type=whole_type("--resolution", 16), help="training image side (default: "
+                                                                              "the model's width)")
+    p.add_argument("--format", choices=("peft", "kohya"), default="peft", help="the LoRA file's layout")
+    p.add_argument("--save-every", type=whole_type("--save-every"), default=100)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     debug_option(p)
 
     p = commands.add_parser("eval", help="measure a shapes-world model against its prompts",
@@ -92,6 +126,35 @@ def run_train(args: argparse.Namespace) -> int:
         out = train_shapes(args.out, ae_overrides=ae, flux_overrides=flux, resume=args.resume, stages=stages,
                            export_to=args.export_to)
     print(f"wrote the model to {out}")
+    return 0
+
+
+def run_train_lora(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    found = [out / name for name in ("checkpoint.safetensors", "metrics.jsonl") if (out / name).exists()]
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if found and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} holds a run ({found[0]}); pass --resume to continue it or --overwrite to start "
+                         "afresh")
+    if not Path(args.data).is_dir():
+        raise UsageError(f"no training folder at {args.data}")
+    if args.overwrite:
+        for path in found:
+            path.unlink()
+    from ..pipelines.load import load
+    from ..training.lora import train_lora
+    from .generate import quiet_libraries
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    with quiet_libraries(args.debug):
+        pipe = load(model_argument(args.model))
+    path = train_lora(pipe, resume=args.resume, data=args.data, out=args.out, rank=args.rank, alpha=args.alpha,
+                      targets=targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      timesteps=args.timesteps, guidance=args.guidance, caption_dropout=args.caption_dropout,
+                      resolution=args.resolution, format=args.format, save_every=args.save_every, bf16=args.bf16,
+                      grad_checkpointing=args.grad_checkpointing)
+    print(f"wrote the LoRA to {path}")
     return 0
 
 

@@ -115,7 +115,7 @@ def linear_of_concat(linear: nn.Module, parts: list[Tensor]) -> Tensor:
     Each part multiplies its own column block of the weight and the products are summed in place, which saves
     writing and re-reading the (tokens x 7 hidden) input of a single block's output linear.
     """
-    if type(linear) is not nn.Linear or torch.is_grad_enabled():
+    if type(linear) is not nn.Linear or torch.is_grad_enabled() or linear._forward_hooks:  # hooks: a LoRA
         return linear(torch.cat(parts, dim=-1))
     y, start = None, 0
     for part in parts:

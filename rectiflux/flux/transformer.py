@@ -140,6 +140,7 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
         self.attention: Attention = attention  # every block attends through this one function
         self.block_weights: BlockHooks | None = None  # blocks read on demand (load_transformer(blocks=...))
+        self.checkpoint = None  # the weights' source, for reading float weights again (rectiflux.weights)
 
     @property
     def dtype(self) -> torch.dtype:

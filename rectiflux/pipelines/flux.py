@@ -9,6 +9,7 @@ gives the same image here as in diffusers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -109,6 +110,7 @@ class FluxPipeline:
         self._progress_bar_config: dict[str, Any] = {}
         self._interrupt = False
         self._offload: _Offload | None = None
+        self._lora = None
         self._warned: set[str] = set()
 
     @classmethod
@@ -275,6 +277,62 @@ class FluxPipeline:
         """See enable_attention_slicing."""
 
     # ------------------------------------------------------------------------------------------------------------
+    # LoRA, with diffusers' FluxLoraLoaderMixin names (rectiflux.lora)
+
+    @property
+    def lora(self):
+        if self._lora is None:
+            from ..lora.adapters import Adapters
+
+            self._lora = Adapters(self)
+        return self._lora
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          weight_name: str | None = None, **kwargs: Any) -> None:
+        """Load a LoRA (a .safetensors file, a folder holding pytorch_lora_weights.safetensors or `weight_name`, or a
+        state dict) in any of the formats rectiflux.lora.formats reads; it becomes the active adapter. A file that
+        does not fit this pipeline is refused whole and leaves the pipeline as it was."""
+        for ignored in ("low_cpu_mem_usage", "hotswap", "local_files_only"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"load_lora_weights() got unexpected arguments {', '.join(kwargs)}")
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, str) and not Path(source).exists() and source.count("/") == 1:
+            from ..weights.sources import resolve_source
+
+            source = resolve_source(source)
+        self.lora.load(source, adapter_name, weight_name)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Make these adapters the active ones, with these weights (1 each by default)."""
+        self.lora.set(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.lora.active) if self._lora is not None else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return {"transformer": list(self.lora.loaded)} if self._lora is not None and self.lora.loaded else {}
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        self.lora.delete(adapter_names)
+
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = True) -> None:
+        """Remove every adapter and put the model back as it was loaded (a control LoRA's widening included)."""
+        if self._lora is not None:
+            self.lora.unload()
+
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None) -> None:
+        """Merge the active (or named) adapters into the weights, in float32, rounded once into their dtype; 8-bit
+        weights are re-quantised from the float checkpoint. Steps then cost what they cost without LoRA."""
+        self.lora.fuse(lora_scale, adapter_names)
+
+    def unfuse_lora(self, components: list[str] | None = None) -> None:
+        """Put back the exact weights the fused modules had (kept copies)."""
+        if self._lora is not None:
+            self.lora.unfuse()
+
+    # ------------------------------------------------------------------------------------------------------------
     # progress, as diffusers shows it
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -404,7 +462,9 @@ class FluxPipeline:
         """
         call = Call(**{k: v for k, v in locals().items() if k in Call.__dataclass_fields__})
         self._interrupt = False
-        with runtime.generation(self.device):
+        lora_scale = (joint_attention_kwargs or {}).get("scale")
+        scaled = self.lora.scaled(lora_scale) if self._lora is not None else contextlib.nullcontext()
+        with runtime.generation(self.device), scaled:
             output = self._generate(call)
         return output if return_dict else (output.images,)
 
@@ -540,6 +600,7 @@ class FluxPipeline:
             extra = set(call.joint_attention_kwargs) - {"scale"}
             if extra:
                 raise ValueError(f"joint_attention_kwargs takes only 'scale' (the LoRA scale), got {sorted(extra)}")
+            _finite("joint_attention_kwargs['scale']", call.joint_attention_kwargs.get("scale"))
         if call.mask_image is not None and call.image is None:
             raise ValueError("mask_image needs an image to inpaint")
         if call.mask_image is not None and im.image_size(im.first(call.mask_image)) != im.image_size(

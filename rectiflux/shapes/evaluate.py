@@ -17,7 +17,7 @@ from .world import ATTRIBUTES, HELD_OUT, Scene, eval_scenes, random_scene, rende
 
 @torch.no_grad()
 def prompt_fidelity(pipe: FluxPipeline, scenes: list[Scene] | None = None, seed: int = 0, batch: int = 8,
-                    **kwargs) -> dict:
+                    shapes: tuple[str, ...] | None = None, **kwargs) -> dict:
     """Render each scene's canonical caption with a fixed seed per prompt and check the image against it.
 
     Returns accuracy per attribute and for all attributes at once, for seen and held-out color-shape pairs.
@@ -30,7 +30,7 @@ def prompt_fidelity(pipe: FluxPipeline, scenes: list[Scene] | None = None, seed:
         images = pipe([s.caption() for s in chunk], generator=generators, output_type="np", **kwargs).images
         for scene, image in zip(chunk, images, strict=True):
             group = "held_out" if (scene.color, scene.shape) in HELD_OUT else "seen"
-            results[group].append(score(scene, image))
+            results[group].append(score(scene, image, shapes) if shapes else score(scene, image))
     report = {}
     for group, rows in results.items():
         if rows:

@@ -21,6 +21,10 @@ SIZES = {"small": 16, "large": 32}
 POSITIONS = {"center": (32, 32), "left": (20, 32), "right": (44, 32), "top": (32, 20), "bottom": (32, 44)}
 POSITION_WORDS = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top",
                   "bottom": "at the bottom"}
+# a shape outside the world, for teaching the embedded model a concept it has never seen with a LoRA
+# (python -m benchmarks.concept); a new color would not do: the autoencoder, trained on the world's six, decodes
+# any other color as one of them
+NEW_SHAPES = ("diamond",)
 HELD_OUT = {("purple", "triangle"), ("orange", "circle"), ("green", "cross"), ("yellow", "square")}
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 
@@ -97,6 +101,8 @@ def _coverage(shape: str, cx: float, cy: float, s: float, supersample: int = 4) 
         arm = s / 6
         in_box = (np.abs(dx) <= half) & (np.abs(dy) <= half)
         inside = in_box & ((np.abs(dx) <= arm) | (np.abs(dy) <= arm))
+    elif shape == "diamond":  # not of the world: the square turned 45 degrees, corners at the box's side middles
+        inside = np.abs(dx) + np.abs(dy) <= half
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return inside.reshape(SIZE, supersample, SIZE, supersample).mean(axis=(1, 3))

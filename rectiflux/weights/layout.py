@@ -65,6 +65,22 @@ def transformer_parts(cfg: FluxConfig) -> dict[str, list[str]]:
     return parts
 
 
+def diffusers_rows(cfg: FluxConfig) -> dict[str, tuple[str, int, int]]:
+    """diffusers module name -> (our module, first row, end row) of its rows in our (fused) weight; end -1 for a
+    module that is all of ours (the final layer's modulation, whose halves swap, among them). LoRA keys use it."""
+    h = cfg.hidden_size
+    out = {}
+    for ours, theirs in transformer_parts(cfg).items():
+        if len(theirs) == 1:
+            out[theirs[0]] = (ours, 0, -1)
+            continue
+        start = 0
+        for name, rows in zip(theirs, [h, h, h, cfg.mlp_hidden], strict=False):
+            out[name] = (ours, start, start + rows)
+            start += rows
+    return out
+
+
 def tensor_suffixes(ours: str) -> list[tuple[str, str]]:
     """(our suffix, diffusers suffix) of a module's tensors: RMSNorm scales are `scale` here, `weight` there."""
     return [("scale", "weight")] if ours.endswith("_norm") else [("weight", "weight"), ("bias", "bias")]

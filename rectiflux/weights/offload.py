@@ -38,6 +38,7 @@ class BlockWeights:
         # a streamed block may only use the mapped file where its pages can be given back after it ran
         mapped = mapped and (mode == "lazy" or CAN_DROP_MAPPED_PAGES)
         self.units, self.mode, self.prepare, self.mapped, self.dtype = units, mode, prepare, mapped, dtype
+        self.on_read: list[Callable[[str, nn.Module], None]] = []  # told of each block once it is read (LoRA)
         self.next = dict(zip(order, [*order[1:], order[0]], strict=True)) if order else {}
         self.loaded: set[str] = set()
         self.pending: tuple[str, Future] | None = None
@@ -71,6 +72,8 @@ class BlockWeights:
             load_into(block, state, None, f"{self.units.what} ({name})")
             if self.prepare is not None:
                 self.prepare(block, self.dtype)
+            for told in self.on_read:
+                told(name, block)
         self.loaded.add(name)
 
     def _read_ahead(self, name: str, mapped: bool) -> dict[str, Tensor]:

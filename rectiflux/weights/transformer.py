@@ -203,6 +203,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
                 weights.before(name, model.get_submodule(name), device_now)
         else:
             model.block_weights = weights
+    model.checkpoint = units  # where float weights can be read again (fusing a LoRA into 8-bit weights)
     model = model.eval()
     return model.to(device) if device is not None else model
 

@@ -8,8 +8,12 @@
 Sides: `rectiflux` (blocks read at first use), `rectiflux-int8` (int8 weights and activations on the blocks'
 linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels), `rectiflux-bf16`
 (the whole pipeline in bfloat16: the opt-in lower precision that matrix units such as AMX run fastest),
-`rectiflux-stream` (each block read from disk before each use and freed after it) and `diffusers`, all in
-float32 unless --dtype (or the side itself) says otherwise. Every ratio is against diffusers; the other
+`rectiflux-stream` (each block read from disk before each use and freed after it), `rectiflux-auto` (dtype="auto":
+the fastest arithmetic this machine has per model, rectiflux.runtime.kernels), `rectiflux-compile` and
+`rectiflux-auto-compile` (regional torch.compile of the blocks), `rectiflux-fp8` (float8 weights and activations
+through torch._scaled_mm, compiled: the GPU's fp8 path), `diffusers` and `diffusers-compile` (its
+compile_repeated_blocks), all in float32 unless --dtype (or the side itself) says otherwise. A compiled side's
+warm-up call (in 'load + first step') includes the compilation. Every ratio is against diffusers; the other
 rectiflux sides' images are also compared with rectiflux's plain one.
 
 Each config's random weights are written once (diffusers layout); then every repeat runs one fresh subprocess per
@@ -39,9 +43,14 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-bf16", "rectiflux-stream", "diffusers")
+SIDES = ("rectiflux", "rectiflux-auto", "rectiflux-auto-compile", "rectiflux-compile", "rectiflux-int8",
+         "rectiflux-fp8", "rectiflux-bf16", "rectiflux-stream", "diffusers", "diffusers-compile")
+DEFAULT_SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-bf16", "rectiflux-stream", "diffusers")
 LOAD_OPTIONS = {"rectiflux": {}, "rectiflux-int8": {"quantize": "int8-dynamic"},
-                "rectiflux-bf16": {"dtype": "bfloat16"}, "rectiflux-stream": {"blocks": "stream"}}
+                "rectiflux-bf16": {"dtype": "bfloat16"}, "rectiflux-stream": {"blocks": "stream"},
+                "rectiflux-auto": {"dtype": "auto"}, "rectiflux-auto-compile": {"dtype": "auto", "compile": True},
+                "rectiflux-compile": {"compile": True},
+                "rectiflux-fp8": {"quantize": "float8-dynamic", "compile": True}}
 PROMPT = "a large red circle on the left on a white background"
 CHILD_TIMEOUT_S = 3 * 3600
 TEXT = {"joint_attention_dim": 4096, "pooled_projection_dim": 768}  # FLUX.1's widths; the text encoders stay tiny
@@ -203,7 +212,7 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
 
     torch.set_num_threads(threads)
     device, dtype = cfg.get("device", "cpu"), getattr(torch, cfg.get("dtype", "float32"))
-    ours = side != "diffusers"
+    ours = not side.startswith("diffusers")
     if ours:
         from rectiflux.pipelines.load import load
     else:
@@ -219,6 +228,8 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     else:
         pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
         pipe.set_progress_bar_config(disable=True)
+        if side == "diffusers-compile":  # diffusers' own regional compilation
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
     synchronize(device)
     load_s = time.perf_counter() - start
 
@@ -433,7 +444,8 @@ def machine(threads: int, device: str, dtype: str) -> list[str]:
     load = Path("/proc/loadavg").read_text().split()[0]
     # what decides int8 and bfloat16 speed on a CPU (python -m benchmarks.kernels)
     flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), []))
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8") if f in flags]
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+           if f in flags]
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "diffusers", "transformers"))
     try:
         accelerate = f"accelerate {metadata.version('accelerate')} (diffusers loads on the meta device)"
@@ -454,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="markdown file (default docs/benchmarks.md; a temp file with --smoke)")
     p.add_argument("--workdir", type=Path, help="where the random weights go (default: the system temp dir)")
     p.add_argument("--smoke", action="store_true", help="the tiny config, 1 repeat: checks the harness, not speed")
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (diffusers and "
-                   "rectiflux are always run)")
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                   help=f"comma-separated, of {', '.join(SIDES)} (default {','.join(DEFAULT_SIDES)}; diffusers and "
+                        "rectiflux are always run)")
     p.add_argument("--device", default="cpu", help="torch device of both sides (cuda: a GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute dtype of both sides (and of the random weights written)")

@@ -101,11 +101,13 @@ def test_generate_writes_png_with_recipe(first, model, env):
     sha = hashlib.sha256(transformer.read_bytes()).hexdigest()
     text = text_of(path)
     expected = {"mode": "generate", "prompt": "a red circle", "seed": seed, "steps": "2", "guidance": "2.5",
-                "width": "32", "height": "32", "true_cfg": "1.0", "max_sequence_length": "16", "dtype": "float32",
+                "width": "32", "height": "32", "true_cfg": "1.0", "max_sequence_length": "16", "dtype": "auto",
                 "model": str(model.absolute()), "model_name": "tiny", "model_hash": sha,
                 "rectiflux_version": rectiflux.__version__}
     assert {k: text.get(k) for k in expected} == expected
     assert "strength" not in text and "negative_prompt" not in text and "image" not in text
+    # what "auto" chose for each model (this tiny model's widths are too small for bfloat16 to pay anywhere)
+    assert json.loads(text["dtypes"]) == {"transformer": "float32", "vae": "float32", "text_encoders": "float32"}
     cache = json.loads((Path(env["XDG_CACHE_HOME"]) / "rectiflux" / "weight-hashes.json").read_text())
     assert cache[str(transformer.absolute())]["sha256"] == sha
 
@@ -120,6 +122,25 @@ def test_from_png_reproduces_bit_for_bit(first, env, tmp_path):
     np.testing.assert_array_equal(pixels(again), pixels(path))
     assert text_of(again) == text_of(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.png"]  # no temporary file left
+
+
+def test_from_png_replays_the_recorded_dtypes_not_a_new_choice(first, env, tmp_path):
+    path, _ = first
+    chosen = {"transformer": "bfloat16", "vae": "float32", "text_encoders": "bfloat16"}
+    info = PngInfo()
+    for key, value in {**text_of(path), "dtypes": json.dumps(chosen)}.items():
+        info.add_text(key, value)
+    forged = tmp_path / "forged.png"
+    with Image.open(path) as im:
+        im.save(forged, pnginfo=info)
+    proc = run_cli(["generate", "--from-png", forged, "-o", tmp_path / "replayed.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(text_of(tmp_path / "replayed.png")["dtypes"]) == chosen
+    # an explicit --dtype wins over the recipe's
+    proc = run_cli(["generate", "--from-png", forged, "--dtype", "float32", "-o", tmp_path / "f32.png"], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(text_of(tmp_path / "f32.png")["dtypes"]).values()) == {"float32"}
+    np.testing.assert_array_equal(pixels(tmp_path / "f32.png"), pixels(path))
 
 
 def test_from_png_overrides_and_numbered_outputs(first, env, tmp_path):

@@ -205,6 +205,26 @@ def test_float8_matches_dequantized_matmul():
         assert rel(q(x), lin(x)) < 0.06  # measured 2.6%: e4m3 has 3 mantissa bits
 
 
+def test_float8_activations_run_scaled_mm_with_row_wise_scales():
+    lin = random_linear()
+    q = QuantizedLinear.from_linear(lin, "float8", activations="float8")
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(5))
+    assert q.kernel_for(x) == "scaled_mm"
+    x2d = x.reshape(-1, 64)
+    x_scale = x2d.abs().amax(dim=1, keepdim=True) / 448
+    codes = (x2d / x_scale).to(torch.float8_e4m3fn)
+    with torch.no_grad():
+        # what _scaled_mm computes: both float8 operands widened, each product scaled by its row's and column's scale
+        expected = (codes.float() * x_scale) @ (q.weight.float() * q.weight_scale[:, None]).T + lin.bias
+        assert rel(q(x), expected.reshape(3, 5, 48)) < 1e-5
+        assert rel(q(x), lin(x)) < 0.1  # measured 3.8%: both operands have e4m3's 3 mantissa bits
+        assert q(x.bfloat16()).dtype == torch.bfloat16
+    odd = QuantizedLinear.from_linear(nn.Linear(60, 48), "float8", activations="float8")
+    assert odd.kernel_for(torch.randn(4, 60)) == "dequant"  # cuBLASLt's multiples of 16
+    with pytest.raises(ValueError, match="float8 activations need float8 weights"):
+        QuantizedLinear.from_linear(random_linear(), "int8", "float8")
+
+
 @pytest.mark.parametrize("weights, activations", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_output_dtype_follows_the_input(weights, activations, dtype):

@@ -259,8 +259,10 @@ def load_pipeline(req: Request, device: Any) -> Any:
     from ..pipelines.load import load
 
     try:
-        return load(req.model, dtype=req.dtype, device=device, quantize=req.quantize, blocks=req.blocks,
-                    vae=req.vae, text_encoders=req.text_encoders, kind=req.kind)
+        return load(req.model, dtype=req.dtypes or req.dtype, device=device, compile=req.compile,
+                    quantize=req.quantize, blocks=req.blocks, vae=req.vae, text_encoders=req.text_encoders,
+                    kind=req.kind, clip=req.clip, t5=req.t5, tokenizers=req.tokenizers,
+                    comfyui_models=req.comfyui_models)
     except OSError as e:  # a missing or unreadable model file is the user's input too (ValueErrors already are)
         raise UsageError(f"cannot load the model {req.model}: {one_line(e)}") from None
 
@@ -313,12 +315,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     device = pick_device(req.device)
     if req.dtype is None:
-        req.dtype = "bfloat16" if device.type == "cuda" else "float32"
+        req.dtype = "auto"
     tty = sys.stderr.isatty()
     if tty:
         print(f"{PROG}: loading {req.model} ({req.dtype}, {device})", file=sys.stderr, flush=True)
     with quiet_libraries(args.debug):
         pipe = load_pipeline(req, device)
+    req.dtypes = {name: str(dtype).removeprefix("torch.") for name, dtype in pipe.dtypes.items()}
     if req.loras:
         names = [f"lora{i + 1}" for i in range(len(req.loras))]
         for name, (path, _) in zip(names, req.loras, strict=True):

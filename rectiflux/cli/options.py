@@ -8,8 +8,8 @@ import math
 
 MIN_SIDE = 16
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes any 64-bit unsigned value
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("int8", "int8-dynamic", "float8")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("int8", "int8-dynamic", "float8", "float8-dynamic")
 BLOCKS = ("lazy", "memory", "stream")
 KINDS = ("flux", "fill", "control", "kontext")
 
@@ -119,23 +119,45 @@ def model_options(p: argparse.ArgumentParser) -> None:
     """Which model, and how it is loaded and run."""
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="NAME_OR_PATH",
-                   help="a diffusers FLUX folder, a BFL .safetensors file, a Hugging Face repo id already in the "
-                        "local cache, or an embedded model (default: shapes)")
+                   help="a diffusers FLUX folder, a BFL .safetensors (or .gguf) file, an all-in-one .safetensors "
+                        "(ComfyUI checkpoint), a Hugging Face repo id already in the local cache, or an embedded "
+                        "model (default: shapes, or the one transformer of --comfyui-models)")
     g.add_argument("--vae", metavar="PATH", help="for a BFL single file: its autoencoder (BFL ae.safetensors or a "
                                                  "diffusers vae/ folder; default: ae.safetensors beside the file)")
     g.add_argument("--text-encoders", metavar="PATH_OR_REPO",
                    help="for a BFL single file: a diffusers FLUX folder or repo id holding text_encoder, tokenizer, "
                         "text_encoder_2 and tokenizer_2 (default: the file's folder)")
+    g.add_argument("--clip", metavar="FILE",
+                   help="the CLIP-L text encoder as one .safetensors file (ComfyUI's clip_l.safetensors) or a "
+                        "transformers folder; with --comfyui-models also a file name in its clip/ or text_encoders/")
+    g.add_argument("--t5", metavar="FILE",
+                   help="the T5 encoder as one .safetensors file (ComfyUI's t5xxl_fp16 or t5xxl_fp8_e4m3fn(_scaled)) "
+                        "or a transformers folder; with --comfyui-models also a file name in its clip/ or "
+                        "text_encoders/")
+    g.add_argument("--tokenizers", metavar="DIR_OR_REPO",
+                   help="for --clip/--t5 and all-in-one files, which carry none: a diffusers FLUX folder or repo id "
+                        "in the local cache holding tokenizer/ and tokenizer_2/ (default: the model's folder, else "
+                        "black-forest-labs/FLUX.1-dev or FLUX.1-schnell from the cache)")
+    g.add_argument("--comfyui-models", metavar="DIR",
+                   help="a ComfyUI models/ folder: the transformer from diffusion_models/ or unet/ (--model may name "
+                        "a file there), --vae from vae/, --clip and --t5 from clip/ or text_encoders/, each told by "
+                        "its tensors; where several fit, the flag of that part chooses")
     g.add_argument("--lora", type=lora_type, action="append", dest="loras", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA (any common format: diffusers/peft, kohya, XLabs, LyCORIS, ComfyUI) at SCALE "
                         "(default 1); repeatable, the LoRAs add up")
     g.add_argument("--kind", choices=KINDS, help="the model's variant when its weights cannot tell (a BFL Kontext "
                                                  "file has FLUX.1-dev's keys; default: detected)")
-    g.add_argument("--dtype", choices=DTYPES, help="weights and compute type (default: bfloat16 on CUDA, "
-                                                   "float32 elsewhere)")
+    g.add_argument("--dtype", choices=DTYPES,
+                   help="weights and compute type (default: auto, per model the fastest this machine offers within "
+                        "35 dB of float32: bfloat16 on CUDA and on CPUs that multiply it faster, such as AVX-512-BF16 "
+                        "or AMX, else float32; the PNG records what ran)")
     g.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--quantize", choices=QUANTIZE, help="store the transformer blocks' linear layers in 8 bits "
-                                                       "(int8-dynamic: int8 activations too)")
+                                                       "(-dynamic: 8-bit activations too; float8-dynamic is for "
+                                                       "GPUs with fp8 units)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the transformer's blocks with torch.compile (the first image takes longer; "
+                        "needs a C++ compiler on the CPU)")
     g.add_argument("--blocks", choices=BLOCKS, default="lazy",
                    help="when the transformer's blocks are read: at first use (lazy, default), all at load "
                         "(memory), or before every use and freed after it (stream: about one block in memory, "

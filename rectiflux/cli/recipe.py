@@ -40,6 +40,8 @@ MODES = {"generate": "flux", "img2img": "flux", "inpaint": "flux", "fill": "fill
 INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "fill": ("image", "mask"),
           "control": ("control_image",), "edit": ("image",)}
 WITH_STRENGTH = ("img2img", "inpaint", "fill")
+# where the model's parts come from, beside --model: recorded as given (an existing path made absolute)
+SOURCES = ("vae", "text_encoders", "clip", "t5", "tokenizers", "comfyui_models")
 
 
 @dataclass
@@ -59,6 +61,10 @@ class Request:
     kind: str | None = None
     vae: str | None = None
     text_encoders: str | None = None
+    clip: str | None = None
+    t5: str | None = None
+    tokenizers: str | None = None
+    comfyui_models: str | None = None
     steps: int | None = None  # None here and below: the model's default, filled in once it is loaded
     guidance: float | None = None
     width: int | None = None
@@ -73,6 +79,8 @@ class Request:
     siglip: str | None = None
     keep_reference_size: bool = False
     loras: list[tuple[str, float]] = field(default_factory=list)  # (absolute path, scale)
+    dtypes: dict[str, str] | None = None  # what each model computed in (what dtype "auto" chose), replayed
+    compile: bool = False
 
     def input_files(self) -> dict[str, str]:
         """Recipe key -> path of every input file this request reads."""
@@ -102,6 +110,19 @@ def _loras(text: str) -> list[dict]:
     return value
 
 
+def _dtypes(text: str) -> dict[str, str]:
+    from ..runtime.kernels import COMPONENTS
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text[:40]!r}") from None
+    if not isinstance(value, dict) or set(value) != set(COMPONENTS) or not all(v in DTYPES[1:] for v in
+                                                                              value.values()):
+        raise argparse.ArgumentTypeError(f"not a dtype for each of {', '.join(COMPONENTS)}")
+    return value
+
+
 def _choice(choices) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -116,8 +137,9 @@ RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
     "guidance": guidance_type, "width": side_type, "height": side_type, "strength": strength_type,
     "true_cfg": true_cfg_type, "max_sequence_length": sequence_length_type, "dtype": _choice(DTYPES),
     "model": str, "model_name": str, "model_hash": str, "kind": _choice(KINDS), "vae": str, "text_encoders": str,
+    "clip": str, "t5": str, "tokenizers": str, "comfyui_models": str,
     "image": str, "mask": str, "control_image": str, "redux_images": _json_list, "redux_model": str, "siglip": str,
-    "quantize": str, "cache": cache_type, "keep_reference_size": _choice(("true",)), "loras": _loras,
+    "dtypes": _dtypes, "quantize": str, "cache": cache_type, "keep_reference_size": _choice(("true",)), "loras": _loras,
     VERSION_KEY: str,
 }
 
@@ -173,13 +195,18 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
     num_images = args.num_images or 1
     if seed + num_images > SEED_LIMIT:
         raise UsageError(f"seeds {seed}..{seed + num_images - 1} go past the largest seed {SEED_LIMIT - 1}")
-    paths = {name: os.path.abspath(v) if v else v for name in ("vae", "text_encoders", "redux_model", "siglip")
+    paths = {name: os.path.abspath(v) if v else v for name in (*SOURCES, "redux_model", "siglip")
              if (v := pick(name)) is not None and Path(v).exists()}
+    # with --comfyui-models and no --model, the tree's one transformer
+    model = pick("model") or pick("comfyui_models") or "shapes"
     req = Request(mode=mode, prompt=prompt, negative_prompt=pick("negative_prompt"), seed=seed,
-                  num_images=num_images, model=model_argument(pick("model", "shapes")),
+                  num_images=num_images, model=model_argument(model),
                   true_cfg=pick("true_cfg", 1.0), dtype=pick("dtype"), quantize=pick("quantize"), cache=pick("cache"),
-                  blocks=args.blocks, device=args.device, kind=pick("kind"), vae=pick("vae"),
-                  text_encoders=pick("text_encoders"), steps=pick("steps"), guidance=pick("guidance"),
+                  blocks=args.blocks, device=args.device, compile=bool(getattr(args, "compile", False)),
+                  dtypes=recipe.get("dtypes") if args.dtype is None else None, kind=pick("kind"), vae=pick("vae"),
+                  text_encoders=pick("text_encoders"), clip=pick("clip"), t5=pick("t5"),
+                  tokenizers=pick("tokenizers"), comfyui_models=pick("comfyui_models"), steps=pick("steps"),
+                  guidance=pick("guidance"),
                   width=pick("width"), height=pick("height"), max_sequence_length=pick("max_sequence_length"),
                   redux_images=[os.path.abspath(p) for p in pick("redux_images", [])],
                   redux_model=pick("redux_model"), siglip=pick("siglip"),
@@ -235,6 +262,15 @@ def check_inputs_unchanged(req: Request, recipe: dict[str, Any], source: str, fo
             warn(message)
 
 
+def _model_file(req: Request, pipe: Any) -> str:
+    """What the recipe records as the model: as given, except that a ComfyUI tree's transformer, picked from the
+    tree, is named by its file (so that the recipe still means it once the tree holds another)."""
+    if req.comfyui_models and Path(req.model).is_dir() and Path(req.model).resolve() == \
+            Path(req.comfyui_models).resolve() and getattr(pipe, "source", None) is not None:
+        return os.path.abspath(pipe.source)
+    return req.model
+
+
 def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str, str]:
     """The PNG text chunks: every value needed to make the same image again, as text that parses back exactly
     (repr of a float round-trips), and the sha256 of every input file."""
@@ -252,9 +288,10 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
     if req.redux_images:
         text["redux_images"] = json.dumps(req.redux_images)
     text.update(true_cfg=repr(float(req.true_cfg)), max_sequence_length=str(req.max_sequence_length),
-                dtype=req.dtype, model=req.model, model_name=str(pipe.name), model_hash=model_hash,
+                dtype=req.dtype, dtypes=json.dumps(req.dtypes, sort_keys=True), model=_model_file(req, pipe),
+                model_name=str(pipe.name), model_hash=model_hash,
                 kind=pipe.kind, device=str(pipe.device), Software=f"{PROG} {__version__}")
-    for name in ("vae", "text_encoders", "redux_model", "siglip", "quantize"):
+    for name in (*SOURCES, "redux_model", "siglip", "quantize"):
         if getattr(req, name) is not None:
             text[name] = str(getattr(req, name))
     if req.cache is not None:
@@ -312,5 +349,7 @@ def transformer_files(source: Path) -> list[Path]:
     from ..weights.checkpoint import weight_files
 
     source = Path(source)
+    if source.is_file() and source.suffix == ".gguf":  # one file, hashed as it is
+        return [source]
     return weight_files(source if source.is_file() else source / "transformer")
 

@@ -134,7 +134,8 @@ class Adapters:
             by_module.setdefault((d.component, d.module), []).append(d)
         for (component, module), deltas in by_module.items():
             target = models[component].get_submodule(module)
-            in_features = adapter.in_channels if module == "img_in" and adapter.in_channels else target.weight.shape[1]
+            in_features = adapter.in_channels if module == "img_in" and adapter.in_channels else \
+                getattr(target, "in_features", None) or target.weight.shape[1]
             sides[component, module] = SideProduct.of(deltas, target.weight.shape[0], in_features)
         # every check is done: from here on the pipeline changes
         readers = getattr(self.pipe.transformer.block_weights, "on_read", None)
@@ -322,11 +323,15 @@ class Adapters:
         return self._modules_of(self.fused)
 
     def _check_fusable(self, names: list[str]) -> None:
+        from ..quantize.gguf import GGUFLinear
         from ..quantize.linear import QuantizedLinear
 
         transformer = self.pipe.transformer
         for component, module_name in self._modules_of(names):
             module = self.models()[component].get_submodule(module_name)
+            if isinstance(module, GGUFLinear):
+                raise ValueError(f"{module_name} holds GGUF {module.qtype.name} weights, which cannot be written "
+                                 "back after a merge: use the LoRA unfused")
             if isinstance(module, QuantizedLinear) and getattr(transformer, "checkpoint", None) is None:
                 raise ValueError(f"{module_name} holds 8-bit weights whose float weights are not at hand (an 8-bit "
                                  "file): use the LoRA unfused")
@@ -375,7 +380,11 @@ class Adapters:
         unit = ".".join(module_name.split(".")[:2]) if module_name.startswith(("double_blocks.", "single_blocks.")) \
             else module_name.split(".")[0]
         state = units.read(unit)
-        return state[module_name[len(unit) + 1:] + ".weight"].float()
+        name = module_name[len(unit) + 1:]
+        weight = state[name + ".weight"].float()
+        if name + ".weight_scale" in state:  # a float8 file's weights, kept as stored beside their scales
+            weight = weight * state[name + ".weight_scale"].float()[:, None]
+        return weight
 
     def unfuse(self) -> None:
         """Put back the weights every fused module had before (kept copies: exact, never by subtracting)."""

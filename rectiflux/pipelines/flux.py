@@ -174,6 +174,13 @@ class FluxPipeline:
         return self.transformer.dtype
 
     @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each model computes in (they differ after `load(dtype="auto")`)."""
+        return {"transformer": self.transformer.dtype,
+                "vae": self.autoencoder.decoder.conv_in.weight.dtype,
+                "text_encoders": self.text_encoders.t5.dtype}
+
+    @property
     def interrupt(self) -> bool:
         """Set it (or `_interrupt`, as diffusers' callbacks do) during a call: the remaining steps are skipped."""
         return self._interrupt

@@ -13,6 +13,9 @@ Forward kernels, chosen per call (`QuantizedLinear.kernel_for` says which one a 
   that product is fast: CPUs without int8 dot-product instructions (AVX2 only, no VNNI/AMX) run `_int_mm` far
   slower than a float32 matmul, so there `int8_matmul_is_fast` sends these calls to ``dequant`` and the
   activations stay float;
+* ``scaled_mm``: with ``activations="float8"`` (float8 e4m3 weights) each token is scaled into e4m3 on the fly
+  and `torch._scaled_mm` multiplies the two float8 matrices with the row-wise token and channel scales applied
+  inside the kernel: the fp8 tensor cores of an H100/H200 (and a CPU kernel, slower than float32, for tests);
 * ``dequant``: everything else (float8 weights, int8 elsewhere than on CPU, shapes `_int_mm` refuses)
   dequantises the weight to float for this call and runs an ordinary matmul.
 
@@ -35,7 +38,7 @@ WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
 # The largest code of each format: 127 rather than 128 keeps int8 symmetric (-127..127), and 448 is e4m3fn's
 # largest finite value (it has no infinity, so anything larger would become NaN).
 QMAX = {"int8": 127.0, "float8": 448.0}
-ACTIVATIONS = (None, "int8")
+ACTIVATIONS = (None, "int8", "float8")
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Left in float by default. Together they hold about 0.5% of FLUX.1's weights, so quantising them saves
@@ -52,6 +55,7 @@ except (AttributeError, RuntimeError):
 _INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT8PACK_MAX_ROWS = 8
 _INT_MM = getattr(torch, "_int_mm", None)
+_SCALED_MM = getattr(torch, "_scaled_mm", None)
 # None: measured on first use (int8_matmul_is_fast); True / False: decided (tests set it)
 INT8_MATMUL_FAST: bool | None = None
 
@@ -94,9 +98,11 @@ def check_format(weights: str, activations: str | None) -> None:
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weight format {weights!r}; use 'int8' or 'float8'")
     if activations not in ACTIVATIONS:
-        raise ValueError(f"unknown activation format {activations!r}; use None or 'int8'")
+        raise ValueError(f"unknown activation format {activations!r}; use None, 'int8' or 'float8'")
     if activations == "int8" and weights != "int8":
         raise ValueError("int8 activations need int8 weights (torch._int_mm multiplies int8 by int8)")
+    if activations == "float8" and weights != "float8":
+        raise ValueError("float8 activations need float8 weights (torch._scaled_mm multiplies float8 by float8)")
 
 
 def quantize_weight(weight: Tensor, weights: str = "int8") -> tuple[Tensor, Tensor]:
@@ -193,8 +199,21 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype) casts every floating-point tensor, float8 codes and float32 scales among them: a model
+        # cast to bfloat16 must still move these to its device, but keep their dtypes
+        weight, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        if (self.weight.dtype, self.weight_scale.dtype) != (weight.dtype, scale.dtype):
+            self.weight, self.weight_scale = weight.to(self.weight.device), scale.to(self.weight.device)
+        return self
+
     def kernel_for(self, x: Tensor) -> str:
-        """Which kernel `forward(x)` uses: 'int_mm', 'int8pack' or 'dequant'."""
+        """Which kernel `forward(x)` uses: 'int_mm', 'int8pack', 'scaled_mm' or 'dequant'."""
+        if self.activations == "float8" and self.weight.dtype == torch.float8_e4m3fn and _SCALED_MM is not None:
+            # cuBLASLt wants both inner and outer dimensions multiples of 16
+            if self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.device.type in ("cpu", "cuda"):
+                return "scaled_mm"
         if self.weight.dtype == torch.int8:
             m = x.numel() // max(self.in_features, 1)
             # _int_mm's limits on CUDA (cuBLASLt): more than 16 rows, K and N multiples of 8. The CPU kernel of
@@ -215,7 +234,17 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel_for(x)
         x2d = x.reshape(-1, self.in_features)
-        if kernel == "int_mm":
+        if kernel == "scaled_mm":
+            lo, hi = x2d.aminmax(dim=1, keepdim=True)
+            x_scale = torch.maximum(-lo, hi).float().clamp_(min=1e-12) / QMAX["float8"]
+            codes = (x2d.float() / x_scale).to(torch.float8_e4m3fn)
+            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+            y = _SCALED_MM(codes, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :].float(),
+                           out_dtype=out_dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(out_dtype)
+            y = y.to(x.dtype)
+        elif kernel == "int_mm":
             codes, x_scale = quantize_tokens(x2d, scratch=not torch.is_grad_enabled())
             if torch.is_grad_enabled():
                 acc = _INT_MM(codes, self.weight.t())

@@ -1,4 +1,5 @@
-"""Autoencoder checkpoints: a diffusers `vae/` folder or a BFL `ae.safetensors`, read into our AutoEncoder."""
+"""Autoencoder checkpoints: a diffusers `vae/` folder or a BFL `ae.safetensors` (ComfyUI's `vae/ae.safetensors` is
+the same file), alone or inside a file that holds other models too, read into our AutoEncoder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..flux.autoencoder import AutoEncoder, AutoEncoderConfig
+from .bundles import NAMES, find_models, select
 from .checkpoint import (
     CheckpointError,
     load_into,
@@ -30,16 +32,23 @@ from .layout import (
 
 
 def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                     config: AutoEncoderConfig | None = None) -> AutoEncoder:
+                     config: AutoEncoderConfig | None = None, prefix: str | None = None) -> AutoEncoder:
     """Load from a diffusers `vae/` folder (or a pipeline folder holding one) or a BFL `ae.safetensors`.
 
-    The model is built on the meta device and the memory-mapped tensors are assigned to it, so the
-    weights are never held twice. `config` overrides the one read from config.json or the shapes.
+    A file that holds other models too (a ComfyUI checkpoint: the autoencoder under `vae.` or
+    `first_stage_model.`) gives only the autoencoder's tensors: those under `prefix`, else under the prefix its
+    tensor names show. The model is built on the meta device and the memory-mapped tensors are assigned to it,
+    so the weights are never held twice. `config` overrides the one read from config.json or the shapes.
     """
     path = Path(path)
     if path.is_dir() and not (path / "config.json").exists() and (path / "vae").is_dir():
         path = path / "vae"
     state = read_state_dict(path)
+    models = {"vae": prefix} if prefix is not None else find_models(state, path)
+    if "vae" in models:
+        state = select(state, "vae", models)
+    elif models:
+        raise CheckpointError(f"{path} holds no autoencoder (it holds: {', '.join(NAMES[k] for k in models)})")
     diffusers = is_diffusers_autoencoder(state)
     if diffusers:
         if not path.is_dir():

@@ -298,14 +298,15 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
     """Assign `state` to a model built on the meta device, refusing any mismatch with a message naming the tensors.
 
     The tensors are moved into the module (not copied) and `state` is emptied as it goes, so the weights
-    live once in memory even while they are cast.
+    live once in memory even while they are cast. Only parameters are cast to `dtype`: the models' buffers are
+    quantised weights and their scales (rectiflux.quantize), which must stay as stored.
     """
     check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, what)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     for key in list(state):
         tensor = state.pop(key)
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and key in params:
             tensor = tensor.to(dtype)
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model

@@ -49,3 +49,48 @@ def resolve_source(source: str | os.PathLike) -> Path:
                               f"{', '.join(looked)}); download it there or pass a local folder")
     raise CheckpointError(f"no model at {source}: pass a diffusers folder, a BFL .safetensors file, "
                           "a Hugging Face repo id in the local cache, or 'shapes'")
+
+
+TOKENIZER_REPOS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+
+
+def _cached_tokenizers(repo: str) -> tuple[Path | None, list[str]]:
+    """The newest snapshot of `repo` in the local cache holding tokenizer/ and tokenizer_2/ (a partial download of
+    those two folders is enough), and the places looked in."""
+    looked = []
+    for cache in hf_cache_dirs():
+        snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+        looked.append(str(snapshots))
+        found = sorted((p for p in snapshots.glob("*/tokenizer_2") if (p.parent / "tokenizer").is_dir()),
+                       key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1].parent, looked
+    return None, looked
+
+
+def resolve_tokenizers(source: str | os.PathLike) -> Path:
+    """The folder holding FLUX's tokenizer/ and tokenizer_2/: a local folder (a diffusers FLUX folder) or a Hugging
+    Face repo id in the local cache."""
+    path = Path(source)
+    if path.exists():
+        return path
+    embedded = model_path(str(source))
+    if embedded is not None:
+        return embedded
+    if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
+        found, looked = _cached_tokenizers(source)
+        if found is not None:
+            return found
+        raise CheckpointError(f"no tokenizers of {source!r} in the local Hugging Face cache (looked in "
+                              f"{', '.join(looked)}); download its tokenizer/ and tokenizer_2/ or pass a local folder")
+    raise CheckpointError(f"no tokenizers at {source}: pass a diffusers FLUX folder or a Hugging Face repo id in the "
+                          "local cache (tokenizers= / --tokenizers)")
+
+
+def default_tokenizers() -> Path | None:
+    """FLUX.1-dev's or FLUX.1-schnell's tokenizers where the local cache holds them (theirs are the same)."""
+    for repo in TOKENIZER_REPOS:
+        found, _ = _cached_tokenizers(repo)
+        if found is not None:
+            return found
+    return None

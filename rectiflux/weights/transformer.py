@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -28,7 +29,6 @@ from .checkpoint import (
     read_spans,
     read_state_dict,
     save_state_dict,
-    strip_prefix,
     weight_files,
     write_json,
 )
@@ -45,6 +45,8 @@ from .layout import (
 )
 from .offload import BlockWeights
 
+V = TypeVar("V")
+
 
 def _resolve(path: str | os.PathLike) -> Path:
     path = Path(path)
@@ -53,13 +55,44 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None) -> tuple[Path, FluxConfig, bool]:
+# ComfyUI's scaled fp8 files: a marker tensor, and per weight the scale it was divided by and an input scale (for
+# fp8 x fp8 products, which a dequantising product does not need)
+SCALED_FP8_MARKER, WEIGHT_SCALE, INPUT_SCALE = "scaled_fp8", ".scale_weight", ".scale_input"
+
+
+def transformer_prefix(keys: Iterable[str], prefix: str | None = None) -> str:
+    """The prefix the transformer's tensors carry: `prefix` if given, else the first of TRANSFORMER_PREFIXES every
+    key has (a BFL or ComfyUI file), else `model.diffusion_model.` if some keys have it (a file that also holds the
+    autoencoder and text encoders), else none."""
+    if prefix is not None:
+        return prefix
+    keys = [k for k in keys if k.rpartition(".")[2] != SCALED_FP8_MARKER]
+    found = next((p for p in TRANSFORMER_PREFIXES if keys and all(k.startswith(p) for k in keys)), None)
+    if found is None and any(k.startswith(TRANSFORMER_PREFIXES[0]) for k in keys):
+        found = TRANSFORMER_PREFIXES[0]
+    return found or ""
+
+
+def _ours(keys: Mapping[str, V], prefix: str) -> dict[str, V]:
+    """The transformer's entries of a BFL-layout checkpoint under our names: prefix stripped, other models' and
+    fp8 input-scale entries dropped."""
+    return {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix) and not k.endswith(INPUT_SCALE)
+            and k.rpartition(".")[2] != SCALED_FP8_MARKER}
+
+
+def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None,
+                prefix: str | None = None) -> tuple[Path, FluxConfig, bool]:
     """(weights path, config, whether the diffusers layout) of a transformer checkpoint, reading no weight.
 
     The config comes from config.json for the diffusers layout, else from the tensor shapes (and the config
-    our own BFL-layout saves keep in their metadata).
+    our own BFL-layout saves keep in their metadata). `prefix` names the transformer's tensors in a file that
+    holds other models too (found by itself for the usual ones).
     """
     path = _resolve(path)
+    if path.suffix == ".gguf":
+        from .gguf import gguf_config
+
+        return path, gguf_config(path, axes_dim), False
     shapes = read_keys_and_shapes(path)
     if is_diffusers_transformer(shapes):
         config_file = (path if path.is_dir() else path.parent) / "config.json"
@@ -75,7 +108,10 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
         return path, cfg, True
     if axes_dim is None:
         axes_dim = _saved_config(path).get("axes_dim")
-    return path, transformer_config_from_shapes(strip_prefix(shapes, TRANSFORMER_PREFIXES), axes_dim), False
+    ours = _ours(shapes, transformer_prefix(shapes, prefix))
+    if not ours:
+        raise CheckpointError(f"{path} holds no transformer tensor under the prefix {prefix!r}")
+    return path, transformer_config_from_shapes(ours, axes_dim), False
 
 
 class CheckpointUnits:
@@ -84,15 +120,20 @@ class CheckpointUnits:
     Only the headers are read up front. `read(unit)` builds each tensor by plain reads into fresh memory: a
     diffusers q/k/v triple is read straight into the rows of the fused weight, so nothing is mapped or copied
     twice. `check(model)` compares names and shapes with the model before any weight is read.
+    float8 weights named in `float8` (by load_transformer: the blocks' linears) are handed out as stored with a
+    per-row `weight_scale` for QuantizedLinear; other float8 weights of a ComfyUI scaled file come multiplied by
+    their scale.
     """
 
-    def __init__(self, path: Path, cfg: FluxConfig, diffusers_layout: bool, what: str):
+    def __init__(self, path: Path, cfg: FluxConfig, diffusers_layout: bool, what: str, prefix: str | None = None):
         self.path, self.what = path, what
         self._mapped: dict[str, Tensor] | None = None
         self._droppable = False  # whether _mapped really is file mappings, whose pages can be given back
         spans = read_spans(path)
         self.parts: dict[str, list[tuple[TensorSpan, int, int]]] = {}
         self.stored: dict[str, str] = {}  # our name -> stored name, for tensors used exactly as stored
+        self.scales: dict[str, TensorSpan] = {}  # our weight name -> its scale_weight (ComfyUI scaled fp8)
+        self.float8: set[str] = set()
         if diffusers_layout:
             for ours, theirs in transformer_parts(cfg).items():
                 for our_suffix, their_suffix in tensor_suffixes(ours):
@@ -108,13 +149,20 @@ class CheckpointUnits:
                     self.parts[f"{ours}.{our_suffix}"] = parts
             renamed = spans  # whatever is left is unexpected: check() names it by its diffusers name
         else:
-            prefix = next((p for p in TRANSFORMER_PREFIXES if spans and all(k.startswith(p) for k in spans)), "")
-            renamed = {k[len(prefix):]: v for k, v in spans.items()}
-            self.stored.update({k[len(prefix):]: k for k in spans})
+            prefix = transformer_prefix(spans, prefix)
+            renamed = _ours(spans, prefix)
+            if not renamed:
+                raise CheckpointError(f"{path} holds no transformer tensor under the prefix {prefix!r}")
+            for key in [k for k in renamed if k.endswith(WEIGHT_SCALE)]:
+                self.scales[key.removesuffix(WEIGHT_SCALE) + ".weight"] = renamed.pop(key)
+            self.stored.update({k: prefix + k for k in renamed})
         self.parts.update({k: [(v, 0, v.shape[0] if v.shape else 1)] for k, v in renamed.items()})
         self.units: dict[str, list[str]] = {}
         for key in self.parts:
             self.units.setdefault(unit_of(key), []).append(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.parts[key][0][0].dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
         first = self.parts[key][0][0]
@@ -124,7 +172,9 @@ class CheckpointUnits:
 
     def check(self, model: nn.Module) -> None:
         """Refuse, naming the tensors, a checkpoint whose names or shapes do not fit `model`."""
-        check_fits(model, {k: self.shape(k) for k in self.parts}, self.what)
+        shapes = {k: self.shape(k) for k in self.parts}
+        shapes |= {_scale_name(k): self.shape(k)[:1] for k in self.float8}
+        check_fits(model, shapes, self.what)
 
     def read(self, unit: str, mapped: bool = False) -> dict[str, Tensor]:
         """The tensors of one unit, named relative to it (`img_attn.qkv.weight` for `double_blocks.3`).
@@ -137,8 +187,18 @@ class CheckpointUnits:
             self._mapped = read_state_dict(self.path)  # maps the files; reads no weight
             self._droppable = file_backed(self._mapped.values())
         strip = len(unit) + 1
-        return {k[strip:]: self._mapped[self.stored[k]] if mapped and k in self.stored
-                else read_rows(self.parts[k]).view(self.shape(k)) for k in self.units.get(unit, [])}
+        out = {}
+        for k in self.units.get(unit, []):
+            tensor = self._mapped[self.stored[k]] if mapped and k in self.stored else read_rows(self.parts[k]).view(
+                self.shape(k))
+            scale = read_rows([(self.scales[k], 0, 1)]).float().reshape(()) if k in self.scales else None
+            if k in self.float8:
+                rows = tensor.shape[0]
+                out[_scale_name(k)[strip:]] = torch.ones(rows) if scale is None else scale.expand(rows).clone()
+            elif scale is not None:
+                tensor = tensor.float() * scale
+            out[k[strip:]] = tensor
+        return out
 
     def mapped_tensors(self, unit: str) -> list[Tensor]:
         """The memory-mapped views `read(unit, mapped=True)` hands out, whose pages can be given back and mapped
@@ -148,13 +208,18 @@ class CheckpointUnits:
         return [self._mapped[self.stored[k]] for k in self.units.get(unit, []) if k in self.stored]
 
 
+def _scale_name(weight_key: str) -> str:
+    return weight_key.removesuffix("weight") + "weight_scale"
+
+
 BLOCK_MODES = ("memory", "lazy", "stream")
 
 
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
                      axes_dim: tuple[int, ...] | None = None, device: torch.device | str | None = None,
-                     blocks: str = "memory", prepare: Callable[[nn.Module], None] | None = None) -> Flux:
-    """Load a FLUX.1 transformer from a diffusers folder or a BFL single .safetensors file.
+                     blocks: str = "memory", prepare: Callable[[nn.Module], None] | None = None,
+                     prefix: str | None = None) -> Flux:
+    """Load a FLUX.1 transformer from a diffusers folder, a BFL or ComfyUI single .safetensors file or a GGUF file.
 
     The model is built on the meta device and the stored tensors are assigned to it, so the weights are never
     held twice. `blocks` says when the double and single blocks are read: "memory" (now: tensors used as stored
@@ -162,22 +227,34 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
     use) or "stream" (before every use, freed after it). `prepare(block)` runs on each block once it is in
     memory, in every mode (quantisation uses it). The final layer is read with the blocks (in the diffusers
     layout its modulation's halves are swapped, a copy); the small embedders are read (mapped) at once.
+    The blocks' linear weights stored in float8 (ComfyUI's fp8 files, scaled or not) or GGUF-quantised stay so in
+    memory, dequantised for each product (QuantizedLinear, GGUFLinear); everything else is cast to `dtype`.
+    `prefix` names the transformer's tensors in a file that holds other models too (found by itself for
+    `model.diffusion_model.`).
     """
     if blocks not in BLOCK_MODES:
         raise ValueError(f"unknown blocks mode {blocks!r}; use one of {', '.join(BLOCK_MODES)}")
-    path, cfg, diffusers_layout = read_config(path, axes_dim)
-    what = f"{'diffusers' if diffusers_layout else 'BFL'} transformer {path}"
+    path, cfg, diffusers_layout = read_config(path, axes_dim, prefix)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Flux(cfg)
-    units = CheckpointUnits(path, cfg, diffusers_layout, what)
-    units.check(model)
     block_names = blocks_of(cfg)
+    if path.suffix == ".gguf":
+        from .gguf import GGUFUnits
+
+        what = f"GGUF transformer {path}"
+        units = GGUFUnits(path, what)
+    else:
+        what = f"{'diffusers' if diffusers_layout else 'BFL'} transformer {path}"
+        units = CheckpointUnits(path, cfg, diffusers_layout, what, prefix)
+    compact = keep_compact(model, units, block_names)
+    units.check(model)
     # Tensors used exactly as stored are memory-mapped; but where every block is rewritten (cast to another
     # dtype, quantised), a mapping would keep the pages it touched resident beside the result, so those read
-    # into fresh memory that is freed once the block is rewritten.
-    as_stored = prepare is None and all(dtype in (None, parts[0][0].dtype) for parts in units.parts.values()
-                                        if parts[0][0].dtype.is_floating_point)
+    # into fresh memory that is freed once the block is rewritten. Compact weights count as rewritten here:
+    # their float parts are, and GGUF files are mapped by their reader anyway.
+    as_stored = prepare is None and not compact and isinstance(units, CheckpointUnits) and all(
+        dtype in (None, units.dtype(k)) for k in units.parts if units.dtype(k).is_floating_point)
     if blocks == "memory" and as_stored:
         mapped = read_state_dict(path)  # memory-mapped: nothing is read until used
         state = {k: mapped.pop(units.stored[k]) if k in units.stored else read_rows(units.parts[k]).view(units.shape(k))
@@ -191,12 +268,13 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
 
         def cast_and_prepare(block: nn.Module, dtype: torch.dtype | None) -> None:
             if dtype is not None:
-                block.to(dtype)
+                block.to(dtype)  # compact weights keep their dtype (QuantizedLinear, GGUFLinear)
             if prepare is not None and block is not model.final_layer:  # `prepare` is for blocks
                 prepare(block)
 
+        # GGUF bytes are used as the reader maps them, like tensors used as stored
         weights = BlockWeights(units, "stream" if blocks == "stream" else "lazy", on_demand, cast_and_prepare,
-                               mapped=as_stored, dtype=dtype)
+                               mapped=as_stored or not isinstance(units, CheckpointUnits), dtype=dtype)
         if blocks == "memory":  # one block at a time: peak is the rewritten model plus one block as stored
             device_now = model.img_in.weight.device
             for name in on_demand:
@@ -206,6 +284,44 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
     model.checkpoint = units  # where float weights can be read again (fusing a LoRA into 8-bit weights)
     model = model.eval()
     return model.to(device) if device is not None else model
+
+
+def keep_compact(model: Flux, units, block_names: list[str]) -> bool:
+    """Swap the blocks' linears whose weights `units` stores in float8 or GGUF-quantised for the modules that use
+    them as stored (and tell `units` which), so a compact file stays compact in memory; whether there were any.
+
+    Only the blocks' linears: they hold nearly all the weights, and the embedders must stay float (Flux takes its
+    dtype from img_in).
+    """
+    from ..quantize.linear import FLOAT8_DTYPES, QuantizedLinear, replace_module
+
+    blocks = set(block_names)
+    found = False
+    for key in list(units.parts):
+        name = key.removesuffix(".weight")
+        if not key.endswith(".weight") or unit_of(key) not in blocks:
+            continue
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            continue  # check() names it as unexpected
+        if not isinstance(linear, nn.Linear):
+            continue
+        if getattr(units, "quantized", {}).get(key) is not None:
+            from ..quantize.gguf import GGUFLinear
+
+            module = GGUFLinear(linear.in_features, linear.out_features, units.quantized[key],
+                                bias=linear.bias is not None, device="meta")
+            units.compact.add(key)
+        elif units.dtype(key) in FLOAT8_DTYPES:
+            module = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, "float8",
+                                     device="meta")
+            units.float8.add(key)
+        else:
+            continue
+        replace_module(model, name, module)
+        found = True
+    return found
 
 
 def _saved_config(path: Path) -> dict:

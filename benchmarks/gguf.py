@@ -1,0 +1,162 @@
+"""GGUF transformers of FLUX.1-dev's size on this machine: peak memory and time of one 256x256 denoising step.
+
+    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--workdir DIR] [--keep] [--out docs/bench-gguf.md]
+
+Writes a random transformer with FLUX.1-dev's config (19 double + 38 single blocks, hidden 3072, guidance
+embedder) as a GGUF file in city96's layout for each type: the blocks' linear weights in that type (random blocks
+with small scales: the arithmetic does not care what the weights are), the rest F32, streamed tensor by tensor so
+the writer never holds more than one. Then, in a fresh process per file, `rectiflux.weights.load_transformer`
+(blocks read at first use, quantised weights kept as the file's mapped bytes and dequantised per product) runs
+one warm-up and two timed transformer calls on a 256x256 image (256 image tokens) with 64 T5 tokens, and reports
+its peak resident memory (VmHWM) against the file's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS_IMG, TOKENS_TXT = 256, 64
+
+
+def write_random_gguf(file: Path, qtype_name: str, seed: int = 0) -> int:
+    import gguf
+    import numpy as np
+    import torch
+
+    from benchmarks.dev8bit import dev_config
+    from rectiflux.flux.transformer import Flux
+    from rectiflux.quantize.gguf import BLOCKS, F16_FIELDS, GGMLType, byte_shape
+    from rectiflux.weights.layout import unit_of
+
+    qtype = GGMLType[qtype_name]
+    block_size, type_size = BLOCKS[qtype]
+    with torch.device("meta"):
+        model = Flux(dev_config())
+    specs = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()}
+
+    def quantised(key: str, shape: tuple[int, ...]) -> bool:
+        return key.endswith(".weight") and len(shape) == 2 and unit_of(key).startswith(("double_", "single_"))
+
+    g = torch.Generator().manual_seed(seed)
+    tmp = file.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(tmp, "flux")
+    for key, shape in specs.items():
+        if quantised(key, shape):
+            nbytes = int(np.prod(shape)) // block_size * type_size
+            writer.add_tensor_info(key, byte_shape(shape, qtype), np.dtype(np.uint8), nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType(qtype))
+        else:
+            writer.add_tensor_info(key, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for key, shape in specs.items():
+        if quantised(key, shape):
+            blocks = torch.randint(0, 256, (int(np.prod(shape)) // block_size, type_size), generator=g,
+                                   dtype=torch.uint8)
+            for offset in F16_FIELDS[qtype]:
+                d = torch.full((blocks.shape[0],), 2e-4 if qtype_name.endswith("_K") else 2e-3).half()
+                blocks[:, offset:offset + 2] = d.view(torch.uint8).reshape(-1, 2)
+            writer.write_tensor_data(blocks.numpy().reshape(byte_shape(shape, qtype)))
+        else:
+            writer.write_tensor_data((torch.randn(shape, generator=g) * 0.02).numpy())
+    writer.close()
+    os.sync()
+    tmp.rename(file)
+    return file.stat().st_size
+
+
+def measure(file: Path, dtype_name: str) -> dict:
+    import torch
+
+    from benchmarks.dev8bit import dev_config
+    from rectiflux.runtime import generation
+    from rectiflux.weights.transformer import load_transformer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    from rectiflux.runtime.kernels import fastest_dtypes
+
+    dtype = fastest_dtypes("cpu", 3072)["transformer"] if dtype_name == "auto" else getattr(torch, dtype_name)
+    model = load_transformer(file, blocks="lazy", dtype=dtype)
+    load_s = time.perf_counter() - start
+    cfg = dev_config()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, TOKENS_IMG, cfg.in_channels, generator=g), torch.zeros(TOKENS_IMG, 3),
+              torch.randn(1, TOKENS_TXT, cfg.joint_attention_dim, generator=g), torch.zeros(TOKENS_TXT, 3),
+              torch.tensor([0.5]), torch.randn(1, cfg.pooled_projection_dim, generator=g), torch.tensor([3.5]))
+    times = []
+    with torch.no_grad(), generation("cpu"):
+        for _ in range(3):
+            start = time.perf_counter()
+            out = model(*inputs)
+            times.append(time.perf_counter() - start)
+    assert torch.isfinite(out).all()
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return {"load": load_s, "first": times[0], "steps": times[1:], "rss_mib": int(hwm.split()[1]) / 1024,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--types", default="Q8_0,Q4_K")
+    p.add_argument("--workdir")
+    p.add_argument("--keep", action="store_true", help="keep the files (reused by the next run in --workdir)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench-gguf.md"))
+    p.add_argument("--dtypes", default="float32,auto", help="compute dtypes, each in its own process")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-dtype", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(Path(args.child), args.child_dtype)))
+        return 0
+    from benchmarks.bench import machine
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rectiflux-gguf-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.types.split(","):
+        file = work / f"flux1-dev-random-{name}.gguf"
+        if not file.exists():
+            print(f"writing {file}", flush=True)
+            write_random_gguf(file, name)
+        size_mib = file.stat().st_size / 2**20
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        for dtype in args.dtypes.split(","):
+            out = subprocess.run([sys.executable, "-m", "benchmarks.gguf", "--child", str(file), "--child-dtype",
+                                  dtype], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(name, r, flush=True)
+            steps = sorted(r["steps"])
+            compute = f"{dtype} ({r['dtype']})" if dtype == "auto" else dtype
+            rows.append(f"| {name} | {compute} | {size_mib / 1024:.2f} | {r['rss_mib'] / 1024:.2f} | "
+                        f"{r['rss_mib'] / size_mib:.3f} | {r['load']:.2f} | {r['first']:.1f} | "
+                        f"{steps[0]:.1f}-{steps[-1]:.1f} |")
+        if not args.keep:
+            file.unlink()
+    when = datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = ["# GGUF transformers of FLUX.1-dev's size", "",
+             f"`python -m benchmarks.gguf --types {args.types} --dtypes {args.dtypes}`, {when}",
+             "", *machine(os.cpu_count() or 1, "cpu", "float32")[:2],
+             f"- one transformer call: {TOKENS_IMG} image tokens (256x256) + {TOKENS_TXT} T5 tokens, blocks read at "
+             "first use, the weights dequantised to the compute dtype per product; peak RSS is the child's VmHWM "
+             "over import, load and three calls", "",
+             "| type | compute | file (GiB) | peak RSS (GiB) | RSS / file | load (s) | first call (s) | next calls (s) "
+             "|",
+             "|---|---|---|---|---|---|---|---|", *rows, ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Which models a safetensors file holds, told by its tensor names (never by its file name), and ComfyUI's
+`models/` tree.
+
+ComfyUI's files nest each model under a prefix: a checkpoint holding everything keeps the transformer under
+`model.diffusion_model.`, the autoencoder under `vae.` or `first_stage_model.`, CLIP under
+`text_encoders.clip_l.transformer.` (older ones `cond_stage_model.`...) and T5 under `text_encoders.t5xxl.transformer.`;
+its single text-encoder files (`clip_l.safetensors`, `t5xxl_fp16.safetensors`) carry transformers' names with or
+without such prefixes. Each model is found by one tensor only it has, and what precedes that tensor's name is its
+prefix; every tensor then belongs to the model with the longest prefix it starts with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .checkpoint import CheckpointError, read_keys_and_shapes
+
+KINDS = ("transformer", "vae", "clip", "t5")
+NAMES = {"transformer": "FLUX transformer", "vae": "autoencoder", "clip": "CLIP text encoder", "t5": "T5 encoder"}
+# how the user names each part: load()'s keyword and the command line's flag
+ARGUMENTS = {"transformer": ("source", "--model"), "vae": ("vae", "--vae"), "clip": ("clip", "--clip"),
+             "t5": ("t5", "--t5")}
+
+# the tensor that marks each model (group 1: its prefix); both transformer layouts, both autoencoder layouts
+_ANCHORS = {
+    "transformer": [re.compile(r"^(.*?)img_in\.weight$"), re.compile(r"^(.*?)x_embedder\.weight$")],
+    "vae": [re.compile(r"^(.*?)encoder\.conv_in\.weight$")],
+    "clip": [re.compile(r"^(.*?)(?:text_model\.)?embeddings\.token_embedding\.weight$")],
+    "t5": [re.compile(r"^(.*?)(?:encoder\.)?block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$")],
+}
+# a second tensor each must have under the same prefix, so that one stray name does not make a model
+_PARTNERS = {"transformer": ("txt_in.weight", "context_embedder.weight"), "vae": ("decoder.conv_in.weight",)}
+# among several models of a kind in one file (SD3's clip_l and clip_g), the one FLUX uses
+_PREFERRED = {"clip": "clip_l", "t5": "t5xxl"}
+
+
+def _candidates(keys: Iterable[str]) -> dict[str, list[str]]:
+    keys = set(keys)
+    found: dict[str, list[str]] = {}
+    for kind, patterns in _ANCHORS.items():
+        for key in sorted(keys):
+            for pattern in patterns:
+                m = pattern.match(key)
+                if m is None:
+                    continue
+                prefix = m[1]
+                if kind in _PARTNERS and not any(prefix + p in keys for p in _PARTNERS[kind]):
+                    continue
+                if prefix not in found.get(kind, []):
+                    found.setdefault(kind, []).append(prefix)
+    return found
+
+
+def find_models(keys: Iterable[str], file: str | os.PathLike | None = None) -> dict[str, str]:
+    """kind ("transformer", "vae", "clip", "t5") -> the prefix its tensors carry ("" for none), for each model the
+    tensor names (e.g. `read_keys_and_shapes(file)`) hold. Of several CLIPs or T5s, the one named like FLUX's
+    (clip_l, t5xxl) is taken; several of another kind are refused."""
+    out = {}
+    for kind, prefixes in _candidates(keys).items():
+        if len(prefixes) > 1:
+            preferred = [p for p in prefixes if _PREFERRED.get(kind, "\0") in p]
+            if len(preferred) != 1:
+                where = f"{file} holds" if file is not None else "the tensors hold"
+                raise CheckpointError(f"{where} several {NAMES[kind]}s (under {', '.join(map(repr, prefixes))}); "
+                                      "pass the one to use on its own (or its prefix as prefix=)")
+            prefixes = preferred
+        out[kind] = prefixes[0]
+    return out
+
+
+def owner(key: str, models: Mapping[str, str]) -> str | None:
+    """The model a tensor belongs to: the one with the longest prefix the name starts with."""
+    best = None
+    for kind, prefix in models.items():
+        if key.startswith(prefix) and (best is None or len(prefix) > len(models[best])):
+            best = kind
+    return best
+
+
+def _is_marker(key: str) -> bool:
+    return key == "scaled_fp8" or key.endswith(".scaled_fp8")  # ComfyUI's "this file is scaled fp8" flag
+
+
+def select(state: Mapping[str, object], kind: str, models: Mapping[str, str]) -> dict[str, object]:
+    """The tensors of one model of `models` (from `find_models`), their prefix dropped.
+
+    The text encoders keep only their encoder's tensors: CLIP's `text_model.` (the projection and logit scale a
+    CLIPModel file also holds are not used by FLUX), T5's `encoder.` and `shared.` (a full T5's decoder is not);
+    ComfyUI's scaled-fp8 marker is dropped too.
+    """
+    prefix = models[kind]
+    mine = {k[len(prefix):]: v for k, v in state.items() if owner(k, models) == kind and not _is_marker(k)}
+    if kind == "clip":
+        roots = ("text_model.",) if any(k.startswith("text_model.") for k in mine) else (
+            "embeddings.", "encoder.", "final_layer_norm.")
+        mine = {k: v for k, v in mine.items() if k.startswith(roots)}
+    elif kind == "t5":
+        roots = ("encoder.", "shared.") if any(k.startswith("encoder.block.") for k in mine) else (
+            "block.", "final_layer_norm.", "embed_tokens.", "shared.")
+        mine = {k: v for k, v in mine.items() if k.startswith(roots)}
+    return mine
+
+
+def models_in(path: str | os.PathLike) -> dict[str, str]:
+    """`find_models` of a safetensors file's tensor names (its header alone is read)."""
+    return find_models(read_keys_and_shapes(path), path)
+
+
+def width(shapes: Mapping[str, tuple[int, ...]], kind: str, prefix: str) -> int | None:
+    """A text encoder's width (CLIP's hidden size, T5's d_model) from its embedding, or None."""
+    names = {"clip": ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"),
+             "t5": ("shared.weight", "encoder.embed_tokens.weight", "embed_tokens.weight")}[kind]
+    for name in names:
+        if prefix + name in shapes and len(shapes[prefix + name]) == 2:
+            return shapes[prefix + name][1]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ComfyUI's models/ tree
+
+FOLDERS = {"transformer": ("diffusion_models", "unet", "checkpoints"), "vae": ("vae",),
+           "clip": ("clip", "text_encoders"), "t5": ("clip", "text_encoders")}
+
+
+def is_comfyui_tree(path: Path) -> bool:
+    """A ComfyUI `models/` folder (not a diffusers one): it has diffusion_models/ or unet/ and no transformer/."""
+    return (path.is_dir() and not (path / "transformer").is_dir()
+            and any((path / name).is_dir() for name in ("diffusion_models", "unet")))
+
+
+class ComfyUIModels:
+    """The models of a ComfyUI `models/` tree, each file identified by its tensor names and shapes: transformers
+    in diffusion_models/, unet/ (.safetensors or .gguf) or checkpoints/, autoencoders in vae/, CLIP and T5 in
+    clip/ or text_encoders/. Files that cannot be read are passed over."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise CheckpointError(f"no ComfyUI models folder at {self.root} (comfyui_models= / --comfyui-models)")
+        self._seen: dict[Path, tuple[dict[str, str], dict[str, tuple[int, ...]]] | None] = {}
+
+    def _read(self, file: Path):
+        if file not in self._seen:
+            try:
+                shapes = read_keys_and_shapes(file)
+                self._seen[file] = (find_models(shapes, file), shapes)
+            except CheckpointError:
+                self._seen[file] = None
+        return self._seen[file]
+
+    def files(self, kind: str) -> list[Path]:
+        suffixes = (".safetensors", ".gguf") if kind == "transformer" else (".safetensors",)
+        found, real = [], set()
+        for folder in FOLDERS[kind]:
+            for file in sorted((self.root / folder).rglob("*")) if (self.root / folder).is_dir() else []:
+                if file.suffix in suffixes and file.is_file() and file.resolve() not in real:
+                    real.add(file.resolve())  # unet/ is often a link to diffusion_models/
+                    found.append(file)
+        return found
+
+    def candidates(self, kind: str, wide: int | None = None) -> list[tuple[Path, str]]:
+        """(file, prefix) of each file holding a model of `kind`; text encoders only `wide` wide when given."""
+        out = []
+        for file in self.files(kind):
+            if file.suffix == ".gguf":  # GGUF headers are the transformer loader's business
+                out.append((file, ""))
+                continue
+            seen = self._read(file)
+            if seen is None or kind not in seen[0]:
+                continue
+            models, shapes = seen
+            if wide is not None and width(shapes, kind, models[kind]) not in (None, wide):
+                continue
+            out.append((file, models[kind]))
+        return out
+
+    def named(self, kind: str, name: str | os.PathLike) -> Path | None:
+        """A file the user named: a path, or a name inside the kind's folders."""
+        for folder in FOLDERS[kind]:
+            file = self.root / folder / name
+            if file.is_file():
+                return file
+        return None
+
+    def find(self, kind: str, wide: int | None = None) -> tuple[Path, str] | None:
+        """The one model of `kind` in the tree; None when there is none; several are refused, listed."""
+        found = self.candidates(kind, wide)
+        if len(found) > 1:
+            names = ", ".join(str(f.relative_to(self.root)) for f, _ in found)
+            keyword, flag = ARGUMENTS[kind]
+            raise CheckpointError(f"{self.root} holds several {NAMES[kind]}s: {names}; choose one with {keyword}= "
+                                  f"({flag})")
+        return found[0] if found else None
+
+    def where(self, kind: str) -> str:
+        return ", ".join(f"{self.root / f}/" for f in FOLDERS[kind])

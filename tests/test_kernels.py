@@ -1,0 +1,71 @@
+"""dtype="auto": the candidates timed once per process and width, the faster chosen only by a margin, each model
+loaded in its choice, recorded and replayed."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_flux_folder
+
+import rectiflux.runtime.kernels as kernels
+from rectiflux.images import psnr
+from rectiflux.pipelines.load import load
+
+CALL = {"prompt": "a red circle", "height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 3.5,
+        "max_sequence_length": 16, "seed": 0, "output_type": "np"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_flux_folder(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Fake kernel times (seconds by dtype), counting the measurements."""
+    calls = []
+    times = {"linear": {torch.float32: 1.0, torch.bfloat16: 0.5}, "conv": {torch.float32: 1.0, torch.bfloat16: 1.1}}
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(kernels, "_linear_time", lambda dtype, width: calls.append(width) or times["linear"][dtype])
+    monkeypatch.setattr(kernels, "_conv_time", lambda dtype: times["conv"][dtype])
+    return times, calls
+
+
+def test_the_faster_dtype_is_chosen_per_model_and_measured_once(timings):
+    times, calls = timings
+    assert kernels.fastest_dtypes("cpu", 3072) == {"transformer": torch.bfloat16, "vae": torch.float32,
+                                                   "text_encoders": torch.bfloat16}
+    assert kernels.fastest_dtypes("cpu", 3072)["transformer"] == torch.bfloat16
+    assert calls == [3072, 3072]  # float32 and bfloat16, once
+    times["linear"][torch.bfloat16] = 0.9  # faster, but not by MARGIN: not worth its rounding
+    assert kernels.fastest_dtypes("cpu", 1536)["transformer"] == torch.float32
+    times["linear"][torch.bfloat16] = 6.0  # an AVX2-only CPU: bfloat16 6x slower
+    assert kernels.fastest_dtypes("cpu", 2048) == dict.fromkeys(kernels.COMPONENTS, torch.float32)
+    calls.clear()
+    times["linear"][torch.bfloat16] = 0.1
+    assert kernels.fastest_dtypes("cpu", 128) == dict.fromkeys(kernels.COMPONENTS, torch.float32)  # a tiny model
+    assert calls == []
+
+
+def test_the_real_probe_answers_with_float_dtypes():
+    chosen = kernels.fastest_dtypes("cpu", 1024)
+    assert set(chosen) == set(kernels.COMPONENTS)
+    assert set(chosen.values()) <= {torch.float32, torch.bfloat16}
+
+
+def test_auto_loads_each_model_in_its_choice_and_stays_close_to_float32(folder, timings, monkeypatch):
+    monkeypatch.setattr(kernels, "SMALL_WIDTH", 1)  # measure (fake timings) even for the tiny test model
+    pipe = load(folder, dtype="auto")
+    assert pipe.dtypes == {"transformer": torch.bfloat16, "vae": torch.float32, "text_encoders": torch.bfloat16}
+    image = pipe(**CALL).images
+    reference = load(folder)(**CALL).images
+    assert psnr(image, reference) >= 35
+    # a mapping (what a recipe records) gives exactly that, with no measurement
+    times, calls = timings
+    calls.clear()
+    again = load(folder, dtype={k: str(v).removeprefix("torch.") for k, v in pipe.dtypes.items()})
+    assert again.dtypes == pipe.dtypes and calls == []
+    assert np.array_equal(again(**CALL).images, image)
+    with pytest.raises(ValueError, match="names each of transformer, vae, text_encoders"):
+        load(folder, dtype={"transformer": "bfloat16"})
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load(folder, dtype="fastest")

@@ -7,14 +7,14 @@
 
 Sides: `rectiflux` (blocks read at first use), `rectiflux-int8` (int8 weights and activations on the blocks'
 linear layers, quantised while loading; bfloat16 attention where the CPU has bf16 kernels), `rectiflux-bf16`
-(the whole pipeline in bfloat16: the opt-in lower precision that matrix units such as AMX run fastest),
-`rectiflux-stream` (each block read from disk before each use and freed after it), `rectiflux-auto` (dtype="auto":
-the fastest arithmetic this machine has per model, rectiflux.runtime.kernels), `rectiflux-compile` and
-`rectiflux-auto-compile` (regional torch.compile of the blocks), `rectiflux-fp8` (float8 weights and activations
-through torch._scaled_mm, compiled: the GPU's fp8 path), `diffusers` and `diffusers-compile` (its
-compile_repeated_blocks), all in float32 unless --dtype (or the side itself) says otherwise. A compiled side's
-warm-up call (in 'load + first step') includes the compilation. Every ratio is against diffusers; the other
-rectiflux sides' images are also compared with rectiflux's plain one.
+(the whole pipeline in bfloat16), `rectiflux-stream` (each block read from disk before each use and freed after
+it), `rectiflux-auto` (dtype="auto": per model the fastest arithmetic this machine has, rectiflux.runtime.kernels),
+`rectiflux-compile` and `rectiflux-auto-compile` (regional torch.compile of the blocks), `rectiflux-auto-int8` and
+`rectiflux-auto-int8-compile` (int8-dynamic in an "auto" pipeline, eager and compiled), `rectiflux-fp8` (float8
+weights and activations through torch._scaled_mm, compiled: the GPU's fp8 path), `diffusers` and
+`diffusers-compile` (its compile_repeated_blocks), all in float32 unless --dtype (or the side itself) says
+otherwise. A compiled side's warm-up call (in 'load + first step') includes the compilation. Every ratio is
+against diffusers; the other rectiflux sides' images are also compared with rectiflux's plain one.
 
 Each config's random weights are written once (diffusers layout); then every repeat runs one fresh subprocess per
 side, alternating which side goes first, with the same thread settings. A child imports only its own library,
@@ -44,12 +44,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("rectiflux", "rectiflux-auto", "rectiflux-auto-compile", "rectiflux-compile", "rectiflux-int8",
+         "rectiflux-auto-int8", "rectiflux-auto-int8-compile",
          "rectiflux-fp8", "rectiflux-bf16", "rectiflux-stream", "diffusers", "diffusers-compile")
 DEFAULT_SIDES = ("rectiflux", "rectiflux-int8", "rectiflux-bf16", "rectiflux-stream", "diffusers")
 LOAD_OPTIONS = {"rectiflux": {}, "rectiflux-int8": {"quantize": "int8-dynamic"},
                 "rectiflux-bf16": {"dtype": "bfloat16"}, "rectiflux-stream": {"blocks": "stream"},
                 "rectiflux-auto": {"dtype": "auto"}, "rectiflux-auto-compile": {"dtype": "auto", "compile": True},
                 "rectiflux-compile": {"compile": True},
+                "rectiflux-auto-int8": {"dtype": "auto", "quantize": "int8-dynamic"},
+                "rectiflux-auto-int8-compile": {"dtype": "auto", "quantize": "int8-dynamic", "compile": True},
                 "rectiflux-fp8": {"quantize": "float8-dynamic", "compile": True}}
 PROMPT = "a large red circle on the left on a white background"
 CHILD_TIMEOUT_S = 3 * 3600

@@ -29,3 +29,13 @@ def test_compiled_blocks_give_the_eager_images_and_compile_once(folder):
     # one graph per block class (double, single), reused by every block, every step and every size
     assert counters["stats"]["unique_graphs"] == 2
     assert counters["frames"]["ok"] == 2
+
+
+def test_compiled_int8_dynamic_blocks_in_bfloat16(folder):
+    # int8 activations (torch._int_mm) with bfloat16 around them: the combination dtype="auto" makes on a CPU
+    # with fast bfloat16; its modulation rows, a single-row kernel eager, are dequantised in the graph
+    eager = load(folder, quantize="int8-dynamic", dtype="bfloat16")
+    pipe = load(folder, quantize="int8-dynamic", dtype="bfloat16", compile=True)
+    want = eager(height=32, width=32, **CALL).images
+    got = pipe(height=32, width=32, **CALL).images
+    assert np.abs(got - want).max() < 0.02  # bfloat16 rounding in fused kernels differs from eager's

@@ -225,15 +225,17 @@ class QuantizedLinear(nn.Module):
                 return "int_mm"
             # _weight_int8pack_mm's time grows with every row while dequantising costs the same for any count
             # (python -m benchmarks.kernels), so it is only the kernel for a few rows: the modulations' single
-            # row, decoding-like calls
+            # row, decoding-like calls. Not in a compiled graph: inductor (torch 2.13) fails to lower it there.
             if (_INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
-                    and m <= INT8PACK_MAX_ROWS):
+                    and m <= INT8PACK_MAX_ROWS and not torch.compiler.is_compiling()):
                 return "int8pack"
         return "dequant"
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel_for(x)
         x2d = x.reshape(-1, self.in_features)
+        # scratch tensors save eager page faults; a compiled graph plans its own buffers (and cannot trace them)
+        scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if kernel == "scaled_mm":
             lo, hi = x2d.aminmax(dim=1, keepdim=True)
             x_scale = torch.maximum(-lo, hi).float().clamp_(min=1e-12) / QMAX["float8"]
@@ -245,8 +247,8 @@ class QuantizedLinear(nn.Module):
                 y = y + self.bias.to(out_dtype)
             y = y.to(x.dtype)
         elif kernel == "int_mm":
-            codes, x_scale = quantize_tokens(x2d, scratch=not torch.is_grad_enabled())
-            if torch.is_grad_enabled():
+            codes, x_scale = quantize_tokens(x2d, scratch=scratch)
+            if not scratch:
                 acc = _INT_MM(codes, self.weight.t())
             else:
                 acc = _SCRATCH.get("acc", (codes.shape[0], self.out_features), torch.int32, x.device)
@@ -267,7 +269,7 @@ class QuantizedLinear(nn.Module):
                 y = y + self.bias.to(x.dtype)
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            if torch.is_grad_enabled() or x.dtype != torch.float32:
+            if not scratch or x.dtype != torch.float32:
                 weight = self.dequantized_weight(x.dtype)
             else:  # into a reused tensor: under a streamed model's pinned heap (rectiflux.heap) a fresh one
                 # per call would fault in every page of it
@@ -349,6 +351,7 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
     def prepare(block: nn.Module) -> None:
         quantize_linears(block, "", weights, activations, ())
         if activations == "int8":
+            int8_matmul_is_fast()  # measured now, not inside a compiled block's first call
             device = next(block.parameters()).device
             if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 block.attention_dtype = torch.bfloat16

@@ -4,6 +4,7 @@ ship inside the package (so rectiflux makes an image with nothing downloaded).""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -29,22 +30,26 @@ def hf_cache_dirs() -> list[Path]:
     return [home / "hub"]
 
 
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A local folder or file, the embedded model's name, or a Hugging Face repo id found in the local cache."""
+def _find(source: str | os.PathLike, holds: Callable[[Path], bool]) -> tuple[Path | None, list[str] | None]:
+    """(path, None) for a local path or an embedded model; for a repo id the cache's snapshot that `holds` (or None)
+    and the places looked in; (None, None) for anything else."""
     path = Path(source)
     if path.exists():
-        return path
+        return path, None
     embedded = model_path(str(source))
     if embedded is not None:
-        return embedded
+        return embedded, None
     if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
-        looked = []
-        for cache in hf_cache_dirs():
-            snapshots = cache / f"models--{source.replace('/', '--')}" / "snapshots"
-            looked.append(str(snapshots))
-            found = sorted(snapshots.glob("*/model_index.json"), key=lambda p: p.stat().st_mtime)
-            if found:
-                return found[-1].parent
+        return cached_snapshot(source, holds)
+    return None, None
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local folder or file, the embedded model's name, or a Hugging Face repo id found in the local cache."""
+    found, looked = _find(source, lambda p: (p / "model_index.json").exists())
+    if found is not None:
+        return found
+    if looked is not None:
         raise CheckpointError(f"model {source!r} is not in the local Hugging Face cache (looked in "
                               f"{', '.join(looked)}); download it there or pass a local folder")
     raise CheckpointError(f"no model at {source}: pass a diffusers folder, a BFL .safetensors file, "
@@ -54,33 +59,31 @@ def resolve_source(source: str | os.PathLike) -> Path:
 TOKENIZER_REPOS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
 
 
-def _cached_tokenizers(repo: str) -> tuple[Path | None, list[str]]:
-    """The newest snapshot of `repo` in the local cache holding tokenizer/ and tokenizer_2/ (a partial download of
-    those two folders is enough), and the places looked in."""
+def cached_snapshot(repo: str, holds: Callable[[Path], bool]) -> tuple[Path | None, list[str]]:
+    """The newest snapshot of `repo` in the local Hugging Face cache for which `holds(snapshot)`, and the places
+    looked in."""
     looked = []
     for cache in hf_cache_dirs():
         snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
         looked.append(str(snapshots))
-        found = sorted((p for p in snapshots.glob("*/tokenizer_2") if (p.parent / "tokenizer").is_dir()),
-                       key=lambda p: p.stat().st_mtime)
+        found = sorted((p for p in snapshots.glob("*") if holds(p)), key=lambda p: p.stat().st_mtime)
         if found:
-            return found[-1].parent, looked
+            return found[-1], looked
     return None, looked
+
+
+def _holds_tokenizers(snapshot: Path) -> bool:
+    # a partial download of the two tokenizer folders is enough
+    return (snapshot / "tokenizer").is_dir() and (snapshot / "tokenizer_2").is_dir()
 
 
 def resolve_tokenizers(source: str | os.PathLike) -> Path:
     """The folder holding FLUX's tokenizer/ and tokenizer_2/: a local folder (a diffusers FLUX folder) or a Hugging
     Face repo id in the local cache."""
-    path = Path(source)
-    if path.exists():
-        return path
-    embedded = model_path(str(source))
-    if embedded is not None:
-        return embedded
-    if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
-        found, looked = _cached_tokenizers(source)
-        if found is not None:
-            return found
+    found, looked = _find(source, _holds_tokenizers)
+    if found is not None:
+        return found
+    if looked is not None:
         raise CheckpointError(f"no tokenizers of {source!r} in the local Hugging Face cache (looked in "
                               f"{', '.join(looked)}); download its tokenizer/ and tokenizer_2/ or pass a local folder")
     raise CheckpointError(f"no tokenizers at {source}: pass a diffusers FLUX folder or a Hugging Face repo id in the "
@@ -90,7 +93,7 @@ def resolve_tokenizers(source: str | os.PathLike) -> Path:
 def default_tokenizers() -> Path | None:
     """FLUX.1-dev's or FLUX.1-schnell's tokenizers where the local cache holds them (theirs are the same)."""
     for repo in TOKENIZER_REPOS:
-        found, _ = _cached_tokenizers(repo)
+        found, _ = cached_snapshot(repo, _holds_tokenizers)
         if found is not None:
             return found
     return None

@@ -59,6 +59,11 @@ def rotate(x: Tensor, rotations: Tensor, out: Tensor | None = None) -> Tensor:
     Computed in float32 like the references; with `out` (x's shape, any float dtype) the result is written there,
     which lets two streams rotate straight into the halves of one joint tensor.
     """
+    if torch.compiler.is_compiling():  # inductor cannot generate complex arithmetic; as reals it fuses into one pass
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = rotations.real, rotations.imag
+        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        return rotated.to(x.dtype) if out is None else out.copy_(rotated)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     if out is not None and out.dtype == torch.float32:
         torch.mul(pairs, rotations, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))

@@ -36,6 +36,21 @@ def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tu
             ms(lambda: F.linear(x, wi.float() * scale[:, None]), 3))
 
 
+def gguf_rates(shape: tuple[int, int]) -> list[tuple[str, float]]:
+    """Dequantisation rates of random GGUF blocks (finite float16 scales) for the common types."""
+    from rectiflux.quantize.gguf import BLOCKS, F16_FIELDS, GGMLType, byte_shape, dequantize
+
+    out = []
+    for qtype in (GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K):
+        block_size, type_size = BLOCKS[qtype]
+        blocks = torch.randint(0, 256, (shape[0] * shape[1] // block_size, type_size), dtype=torch.uint8)
+        for offset in F16_FIELDS[qtype]:
+            blocks[:, offset:offset + 2] = torch.full((blocks.shape[0],), 1e-3).half().view(torch.uint8).reshape(-1, 2)
+        raw = blocks.reshape(byte_shape(shape, qtype))
+        out.append((qtype.name, shape[0] * shape[1] / ms(lambda r=raw, q=qtype: dequantize(r, q, shape)) / 1e6))
+    return out
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("matrix products (M x K @ K x N), GFLOP/s:")
@@ -56,6 +71,8 @@ def main() -> None:
     print(f"SDPA 24 heads x 1280 tokens, ms: float32 {ms(lambda: F.scaled_dot_product_attention(q, k, v)):.1f}, "
           f"bfloat16 {ms(lambda: F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())):.1f} "
           f"(relative error {((low - exact).norm() / exact.norm()).item():.2g})")
+    print("GGUF dequantisation of one GGUFLinear chunk (1365 x 3072 weights), G weights/s: " + ", ".join(
+        f"{name} {rate:.2f}" for name, rate in gguf_rates((1365, 3072))))
     x, scale, out = torch.randn(1280, 7680), torch.rand(1280, 1), torch.empty(1280, 7680)
     print(f"multiply a 1280 x 7680 float32 tensor, ms: into a new tensor {ms(lambda: x * scale):.1f}, "
           f"into an existing one {ms(lambda: torch.mul(x, scale, out=out)):.1f}")

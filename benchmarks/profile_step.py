@@ -1,9 +1,10 @@
 """Where a transformer step's time goes: torch's profiler over a medium-width FLUX (random weights).
 
-    python -m benchmarks.profile_step [--double 1] [--single 2] [--heads 12]
+    python -m benchmarks.profile_step [--double 1] [--single 2] [--heads 12] [--dtype bfloat16]
+                                      [--quantize int8-dynamic]
 
-Hidden heads x 128 (1536 by default; 24 heads is FLUX.1's 3072), 1024 image + 256 text tokens, float32; prints the
-ops by self time.
+Hidden heads x 128 (1536 by default; 24 heads is FLUX.1's 3072), 1024 image + 256 text tokens, float32 unless
+--dtype; --quantize quantises the blocks as rectiflux.load does. Prints the ops by self time over two calls.
 """
 
 import argparse
@@ -13,6 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from rectiflux.flux.config import FluxConfig
 from rectiflux.flux.transformer import Flux
+from rectiflux.pipelines.load import QUANTIZE_MODES
+from rectiflux.quantize.linear import block_quantizer
 from rectiflux.runtime import heap
 
 
@@ -21,10 +24,16 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=1)
     parser.add_argument("--single", type=int, default=2)
     parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantize", choices=list(QUANTIZE_MODES))
     args = parser.parse_args()
     cfg = FluxConfig(in_channels=64, num_heads=args.heads, head_dim=128, depth=args.double, depth_single=args.single,
                      joint_attention_dim=4096, pooled_projection_dim=768, guidance_embed=True)
-    model = Flux(cfg).eval()
+    model = Flux(cfg).eval().to(getattr(torch, args.dtype))
+    if args.quantize:
+        prepare = block_quantizer(*QUANTIZE_MODES[args.quantize])
+        for block in [*model.double_blocks, *model.single_blocks]:
+            prepare(block)
     ids = torch.zeros(1024, 3)
     ids[:, 1], ids[:, 2] = torch.arange(1024) // 32, torch.arange(1024) % 32
     inputs = dict(img=torch.randn(1, 1024, 64), img_ids=ids, txt=torch.randn(1, 256, 4096),

@@ -129,6 +129,13 @@ def test_fp8_weights_beside_a_mismatched_model_are_refused_by_name(folder, tmp_p
     save_file({k: v.contiguous() for k, v in tensors.items()}, file)
     with pytest.raises(CheckpointError, match=r"wrong shape double_blocks\.0\.img_attn\.qkv\.weight"):
         load_transformer(file)
+    # a scale per row would be read as one number: refused, not half applied
+    tensors, _ = scaled_fp8(state)
+    key = "model.diffusion_model.double_blocks.0.img_attn.qkv.scale_weight"
+    tensors[key] = torch.ones(tensors[key.replace("scale_weight", "weight")].shape[0])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, file)
+    with pytest.raises(CheckpointError, match=r"qkv\.scale_weight has shape .*only per-tensor scales are read"):
+        load_transformer(file)
 
 
 # city96 quantises the blocks' linears and keeps the rest in F32/F16; every quantised type gets some linears here

@@ -150,8 +150,8 @@ def _f16(b: Tensor) -> Tensor:
     return _float(b, torch.float16)
 
 
-# The dequantisers scale their freshly widened codes in place: a new tensor per broadcast operation cost them 3x
-# (same operations in the same order, so the bits stay numpy's).
+# The dequantisers scale their freshly widened codes in place: a new tensor per broadcast operation costs more than
+# the arithmetic (same operations in the same order, so the bits stay numpy's).
 
 
 def _fields(b: Tensor, width: int) -> Tensor:

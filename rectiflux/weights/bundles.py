@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_keys_and_shapes
+from .layout import is_scaled_fp8_marker
 
 KINDS = ("transformer", "vae", "clip", "t5")
 NAMES = {"transformer": "FLUX transformer", "vae": "autoencoder", "clip": "CLIP text encoder", "t5": "T5 encoder"}
@@ -80,10 +81,6 @@ def owner(key: str, models: Mapping[str, str]) -> str | None:
     return best
 
 
-def _is_marker(key: str) -> bool:
-    return key == "scaled_fp8" or key.endswith(".scaled_fp8")  # ComfyUI's "this file is scaled fp8" flag
-
-
 def select(state: Mapping[str, object], kind: str, models: Mapping[str, str]) -> dict[str, object]:
     """The tensors of one model of `models` (from `find_models`), their prefix dropped.
 
@@ -92,7 +89,7 @@ def select(state: Mapping[str, object], kind: str, models: Mapping[str, str]) ->
     ComfyUI's scaled-fp8 marker is dropped too.
     """
     prefix = models[kind]
-    mine = {k[len(prefix):]: v for k, v in state.items() if owner(k, models) == kind and not _is_marker(k)}
+    mine = {k[len(prefix):]: v for k, v in state.items() if owner(k, models) == kind and not is_scaled_fp8_marker(k)}
     if kind == "clip":
         roots = ("text_model.",) if any(k.startswith("text_model.") for k in mine) else (
             "embeddings.", "encoder.", "final_layer_norm.")

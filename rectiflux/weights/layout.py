@@ -22,6 +22,16 @@ from .checkpoint import CheckpointError
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 AUTOENCODER_PREFIXES = ("first_stage_model.", "vae.", "ae.")
 SWAPPED = "final_layer.adaLN_modulation.1"  # (shift, scale) here, (scale, shift) in diffusers
+# ComfyUI's float8 files: a marker tensor saying the file is scaled, and beside a weight the scale it was divided by
+# (`.scale_weight` in its scaled-fp8 files, `.weight_scale` in its newer per-tensor format) and an input scale for
+# fp8 x fp8 products, which a dequantising product does not need
+SCALED_FP8_MARKER = "scaled_fp8"
+WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+INPUT_SCALES = (".scale_input", ".input_scale")
+
+
+def is_scaled_fp8_marker(key: str) -> bool:
+    return key.rpartition(".")[2] == SCALED_FP8_MARKER
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from transformers import CLIPTokenizerFast, T5TokenizerFast
 from ..flux.text_encoders import CLIPConfig, CLIPTextEncoder, T5Config, T5Encoder, TextEncoders
 from .bundles import NAMES, find_models, select
 from .checkpoint import CheckpointError, load_into, parse_dtype, read_json, read_state_dict
-from .layout import CLIP_KEYS, T5_KEYS, rename
+from .layout import CLIP_KEYS, INPUT_SCALES, T5_KEYS, WEIGHT_SCALES, rename
 
 SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -122,9 +122,9 @@ def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype | None, what: 
     float32), so no more than one weight is ever held in float32."""
     scales = {}
     for key in list(state):
-        if key.endswith((".scale_weight", ".weight_scale")):
+        if key.endswith(WEIGHT_SCALES):
             scales[key.rsplit(".", 1)[0] + ".weight"] = state.pop(key)
-        elif key.endswith((".scale_input", ".input_scale")):
+        elif key.endswith(INPUT_SCALES):
             state.pop(key)
         elif key.endswith(".comfy_quant"):
             try:

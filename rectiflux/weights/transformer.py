@@ -4,6 +4,7 @@ time (a diffusers q/k/v triple straight into the rows of our fused weight), and 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
@@ -33,10 +34,13 @@ from .checkpoint import (
     write_json,
 )
 from .layout import (
+    INPUT_SCALES,
     SWAPPED,
     TRANSFORMER_PREFIXES,
+    WEIGHT_SCALES,
     blocks_of,
     is_diffusers_transformer,
+    is_scaled_fp8_marker,
     tensor_suffixes,
     transformer_config_from_shapes,
     transformer_parts,
@@ -55,9 +59,9 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
-# ComfyUI's scaled fp8 files: a marker tensor, and per weight the scale it was divided by and an input scale (for
-# fp8 x fp8 products, which a dequantising product does not need)
-SCALED_FP8_MARKER, WEIGHT_SCALE, INPUT_SCALE = "scaled_fp8", ".scale_weight", ".scale_input"
+# Of layout.WEIGHT_SCALES the transformer reads only ComfyUI's scaled-fp8 name: `.weight_scale` beside a transformer
+# weight is rectiflux's own per-row int8/float8 scale, whose files load_quantized reads.
+WEIGHT_SCALE = WEIGHT_SCALES[0]
 
 
 def transformer_prefix(keys: Iterable[str], prefix: str | None = None) -> str:
@@ -66,7 +70,7 @@ def transformer_prefix(keys: Iterable[str], prefix: str | None = None) -> str:
     autoencoder and text encoders), else none."""
     if prefix is not None:
         return prefix
-    keys = [k for k in keys if k.rpartition(".")[2] != SCALED_FP8_MARKER]
+    keys = [k for k in keys if not is_scaled_fp8_marker(k)]
     found = next((p for p in TRANSFORMER_PREFIXES if keys and all(k.startswith(p) for k in keys)), None)
     if found is None and any(k.startswith(TRANSFORMER_PREFIXES[0]) for k in keys):
         found = TRANSFORMER_PREFIXES[0]
@@ -76,8 +80,8 @@ def transformer_prefix(keys: Iterable[str], prefix: str | None = None) -> str:
 def _ours(keys: Mapping[str, V], prefix: str) -> dict[str, V]:
     """The transformer's entries of a BFL-layout checkpoint under our names: prefix stripped, other models' and
     fp8 input-scale entries dropped."""
-    return {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix) and not k.endswith(INPUT_SCALE)
-            and k.rpartition(".")[2] != SCALED_FP8_MARKER}
+    return {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix) and not k.endswith(INPUT_SCALES)
+            and not is_scaled_fp8_marker(k)}
 
 
 def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None,
@@ -154,7 +158,10 @@ class CheckpointUnits:
             if not renamed:
                 raise CheckpointError(f"{path} holds no transformer tensor under the prefix {prefix!r}")
             for key in [k for k in renamed if k.endswith(WEIGHT_SCALE)]:
-                self.scales[key.removesuffix(WEIGHT_SCALE) + ".weight"] = renamed.pop(key)
+                scale = renamed.pop(key)
+                if math.prod(scale.shape) != 1:  # read() multiplies by one number
+                    raise CheckpointError(f"{what}: {key} has shape {scale.shape}; only per-tensor scales are read")
+                self.scales[key.removesuffix(WEIGHT_SCALE) + ".weight"] = scale
             self.stored.update({k: prefix + k for k in renamed})
         self.parts.update({k: [(v, 0, v.shape[0] if v.shape else 1)] for k, v in renamed.items()})
         self.units: dict[str, list[str]] = {}

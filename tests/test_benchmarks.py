@@ -65,3 +65,30 @@ def test_step_flops_match_the_counted_matmuls():
     # the counter sees every linear; it may or may not see CPU attention (4 L^2 hidden per block)
     attention = 4 * (l_img + l_txt) ** 2 * 64 * 5
     assert step_flops(t, l_img, l_txt) in (counted, counted + attention)
+
+
+def test_server_benchmark_smoke_run_writes_its_page(tmp_path):
+    out = tmp_path / "bench-server.md"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    args = ["--images", "2", "--clients", "2", "--rounds", "2", "--steps", "2,3", "--out", str(out), "--workdir",
+            str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.server", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert f"`python -m benchmarks.server {' '.join(args)}`" in text and "CPU:" in text
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(("| 2 |", "| 3 |"))]
+    assert [(r[0], r[1].split(",")[0]) for r in rows] == [
+        (steps, side) for steps in ("2", "3") for side in ("one process (make_image + write_png)", "server", "server")]
+    for row in rows:
+        assert len(row) == 7 and float(row[2].split()[0]) > 0  # images per minute
+        if row[1].startswith("server"):
+            assert row[3].endswith("%") and row[4].endswith("%") and row[5].endswith("ms") and row[6].endswith("ms")
+            # the overhead (median, best rounds), the time it is per image, the clients' CPU time per image
+            [float(cell.split()[0]) for cell in row[3:]]
+        else:
+            assert row[3:] == ["", "", "", ""]
+    # per step count, 2 images x 2 rounds and a warm-up image through each of the 2 routes
+    assert "20 identical pixel for pixel, 0 different" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == [out.name]  # the work folder went

@@ -113,3 +113,43 @@ def test_training_section(env, tmp_path):
     proc = run([*train, *QUICK_TRAINING], tmp_path, env)
     assert proc.stderr == ""  # no bar off a terminal, and none of transformers' "Writing model shards" bars
     assert "all" in run([*evaluate, "--per-pair", "1"], tmp_path, env).stdout
+
+
+def test_server_section_snippet_against_the_command(env, tmp_path):
+    """The section's `rectiflux serve` (on a free port instead of 8188) answers the section's OpenAI snippet."""
+    import socket
+    import time
+
+    pytest.importorskip("openai")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Server, web page, OpenAI and AUTOMATIC1111 APIs\n", 1)[1].split("\n## ", 1)[0]
+    serve = re.search(r"\.venv/bin/(rectiflux serve[^\n`]*)", section)[1].split()
+    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*RECTIFLUX, *serve[1:], "--port", str(port), "--data", str(tmp_path / "data")],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # printed once the model is loaded and the port is open
+        assert f":{port}/" in line, line
+        code = snippet.replace("http://127.0.0.1:8188", f"http://127.0.0.1:{port}") + \
+            "\nimport base64\nopen('readme.png', 'wb').write(base64.b64decode(image.data[0].b64_json))\n"
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+        assert time.monotonic() - started < 120
+        assert Image.open(tmp_path / "readme.png").size == (64, 64)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_batch_section(env, tmp_path):
+    lines = commands(readme_section("Many images, many machines"))
+    assert lines and lines[0][:2] == ["rectiflux", "batch"]
+    (tmp_path / "prompts.txt").write_text("a large red circle on the left on a white background\n"
+                                          "a small blue square on the right on a black background\n")
+    for argv in lines:
+        run(argv, tmp_path, env)
+    assert len((tmp_path / "shots" / "manifest.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (tmp_path / "shots").glob("*.png")) == ["line-00001.png", "line-00002.png"]

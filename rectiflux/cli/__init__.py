@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 
 from .. import __version__
-from . import generate, train
+from . import batch, generate, serve, train
 from .options import Parser, UsageError
 from .recipe import PROG
 
@@ -55,19 +55,25 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     generate.add_parsers(commands)
     train.add_parsers(commands)
+    batch.add_parsers(commands)
+    serve.add_parsers(commands)
     return parser
 
 
 def run(args) -> int:
     if args.command is None:  # argparse's own message names the metavar only
-        raise UsageError(f"give a command: {', '.join(generate.MODES)}, train, train-lora, eval ({PROG} --help lists "
-                         "them)")
+        raise UsageError(f"give a command: {', '.join(generate.MODES)}, train, train-lora, eval, batch, serve "
+                         f"({PROG} --help lists them)")
     if args.command == "train":
         return train.run_train(args)
     if args.command == "eval":
         return train.run_eval(args)
     if args.command == "train-lora":
         return train.run_train_lora(args)
+    if args.command == "serve":
+        return serve.run_serve(args)
+    if args.command == "batch":
+        return batch.run_batch(args)
     return generate.run_generate(args)
 
 

@@ -293,6 +293,63 @@ def redux_embeddings(req: Request, pipe: Any, images: list, device: Any) -> tupl
     return out.prompt_embeds, out.pooled_prompt_embeds
 
 
+def prepare_pipeline(req: Request, device: Any, debug: bool) -> Any:
+    """The pipeline of `req`, loaded, with its LoRAs active; `req.dtypes` records what each model computes in."""
+    with quiet_libraries(debug):
+        pipe = load_pipeline(req, device)
+    req.dtypes = {name: str(dtype).removeprefix("torch.") for name, dtype in pipe.dtypes.items()}
+    if req.loras:
+        names = [f"lora{i + 1}" for i in range(len(req.loras))]
+        for name, (path, _) in zip(names, req.loras, strict=True):
+            pipe.load_lora_weights(path, adapter_name=name)
+        pipe.set_adapters(names, [scale for _, scale in req.loras])
+    return pipe
+
+
+def check_kind(req: Request, pipe: Any) -> None:
+    needed = MODES[req.mode]
+    if pipe.kind != needed:
+        raise UsageError(f"{PROG} {req.mode} needs {KIND_NAMES[needed]} model; {req.model} is {KIND_NAMES[pipe.kind]}"
+                         f" model" + (" (use rectiflux edit)" if pipe.kind == "kontext" else ""))
+
+
+def resolve_settings(req: Request, pipe: Any, images: dict[str, Any]) -> None:
+    """Fill in what the request left to the model (steps, guidance, size, sequence length, strength) and check the
+    result, so that the recipe records the values that ran."""
+    d = pipe.defaults
+    req.steps = req.steps or d.steps
+    req.guidance = d.guidance if req.guidance is None else req.guidance
+    if req.mode == "edit" and (req.width is None or req.height is None):
+        from ..pipelines.kontext import output_size
+
+        width, height = output_size(pipe, images["image"], auto_resize=not req.keep_reference_size)
+        req.width, req.height = req.width or width, req.height or height
+    req.width, req.height = req.width or d.width, req.height or d.height
+    req.max_sequence_length = req.max_sequence_length or d.max_sequence_length
+    if req.mode in ("img2img", "inpaint") and req.strength is None:
+        req.strength = d.strength
+    if req.mode == "fill" and req.strength is None:
+        req.strength = 1.0
+    check_limits(req)
+
+
+def pipe_inputs(images: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's image arguments from the opened input images."""
+    return {name: images[key] for name, key in (("image", "image"), ("mask_image", "mask"),
+                                                ("control_image", "control_image")) if key in images}
+
+
+def make_image(pipe: Any, req: Request, seed: int, prompt_args: dict[str, Any], inputs: dict[str, Any],
+               **hooks: Any) -> Any:
+    """One image of `req` with `seed`: the one pipeline call of the CLI and the server (`hooks`: `progress`,
+    `callback_on_step_end` and its tensor inputs)."""
+    return pipe(**prompt_args, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg, **inputs,
+                strength=req.strength, width=req.width, height=req.height, num_inference_steps=req.steps,
+                guidance_scale=req.guidance, seed=seed, max_sequence_length=req.max_sequence_length,
+                output_type="pil", cache_threshold=req.cache,
+                **({"_auto_resize": False} if req.keep_reference_size else {}), **hooks)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     recipe = read_recipe(args.from_png) if args.from_png else {}
@@ -319,33 +376,9 @@ def run_generate(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     if tty:
         print(f"{PROG}: loading {req.model} ({req.dtype}, {device})", file=sys.stderr, flush=True)
-    with quiet_libraries(args.debug):
-        pipe = load_pipeline(req, device)
-    req.dtypes = {name: str(dtype).removeprefix("torch.") for name, dtype in pipe.dtypes.items()}
-    if req.loras:
-        names = [f"lora{i + 1}" for i in range(len(req.loras))]
-        for name, (path, _) in zip(names, req.loras, strict=True):
-            pipe.load_lora_weights(path, adapter_name=name)
-        pipe.set_adapters(names, [scale for _, scale in req.loras])
-    needed = MODES[req.mode]
-    if pipe.kind != needed:
-        raise UsageError(f"{PROG} {req.mode} needs {KIND_NAMES[needed]} model; {req.model} is {KIND_NAMES[pipe.kind]}"
-                         f" model" + (" (use rectiflux edit)" if pipe.kind == "kontext" else ""))
-    d = pipe.defaults
-    req.steps = req.steps or d.steps
-    req.guidance = d.guidance if req.guidance is None else req.guidance
-    if req.mode == "edit" and (req.width is None or req.height is None):
-        from ..pipelines.kontext import output_size
-
-        width, height = output_size(pipe, images["image"], auto_resize=not req.keep_reference_size)
-        req.width, req.height = req.width or width, req.height or height
-    req.width, req.height = req.width or d.width, req.height or d.height
-    req.max_sequence_length = req.max_sequence_length or d.max_sequence_length
-    if req.mode in ("img2img", "inpaint") and req.strength is None:
-        req.strength = d.strength
-    if req.mode == "fill" and req.strength is None:
-        req.strength = 1.0
-    check_limits(req)
+    pipe = prepare_pipeline(req, device, args.debug)
+    check_kind(req, pipe)
+    resolve_settings(req, pipe, images)
     model_hash = weights_sha256(transformer_files(pipe.source), notice=sys.stderr if tty else None)
     if recipe.get("model_hash") not in (None, model_hash):
         warn(f"the transformer differs from the one in {args.from_png} (sha256 {recipe['model_hash'][:12]} there, "
@@ -359,19 +392,14 @@ def run_generate(args: argparse.Namespace) -> int:
         with quiet_libraries(args.debug):
             embeds, pooled = redux_embeddings(req, pipe, images["redux_images"], device)
         prompt_args = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    inputs = {name: images[key] for name, key in (("image", "image"), ("mask_image", "mask"),
-                                                  ("control_image", "control_image")) if key in images}
+    inputs = pipe_inputs(images)
     timer, ran, cached = StepTimer(), 0, 0
     for k, path in enumerate(paths):
         seed = req.seed + k
         pipe.set_progress_bar_config(desc=f"{k + 1}/{len(paths)} seed {seed}" if len(paths) > 1 else f"seed {seed}",
                                      disable=not tty, leave=False)
         timer.start()
-        out = pipe(**prompt_args, negative_prompt=req.negative_prompt, true_cfg_scale=req.true_cfg,
-                   **inputs, strength=req.strength, width=req.width,
-                   height=req.height, num_inference_steps=req.steps, guidance_scale=req.guidance, seed=seed,
-                   max_sequence_length=req.max_sequence_length, output_type="pil", progress=timer,
-                   cache_threshold=req.cache, **({"_auto_resize": False} if req.keep_reference_size else {}))
+        out = make_image(pipe, req, seed, prompt_args, inputs, progress=timer)
         ran, cached = ran + out.steps, cached + out.cached_steps
         # each image is saved as soon as it is made: stopping a long batch keeps what is done
         write_png(out.images[0], path, recipe_text(req, seed, pipe, model_hash), args.overwrite)

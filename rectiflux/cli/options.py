@@ -187,6 +187,10 @@ def sampling_options(p: argparse.ArgumentParser, with_strength: bool) -> None:
                    help="how many images; image k uses seed+k-1 and is saved as NAME-k.png (default: 1)")
     g.add_argument("--max-sequence-length", type=sequence_length_type, metavar="TOKENS",
                    help="T5 tokens the prompt is padded to, at most 512 (default: the model's)")
+    cache_option(g)
+
+
+def cache_option(g) -> None:
     g.add_argument("--cache", type=cache_type, metavar="THRESHOLD",
                    help="step caching: skip the transformer's later blocks on steps whose first-block output "
                         "changed less than THRESHOLD since the last full step (0.1-0.2 typical; default: off)")

@@ -301,8 +301,27 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
     if req.loras:
         text["loras"] = json.dumps([{"file": p, "name": Path(p).name, "sha256": file_sha256(p), "scale": s}
                                     for p, s in req.loras])
+    text["parameters"] = infotext(req, seed, str(pipe.name), model_hash)
     text[VERSION_KEY] = __version__
     return text
+
+
+def infotext(req: Request, seed: int, model_name: str, model_hash: str) -> str:
+    """AUTOMATIC1111's "parameters" text (prompt, negative prompt, then "Key: value, ..."), which A1111, Forge,
+    ComfyUI's readers and image sites show; the recipe itself is in the other chunks."""
+    lines = [req.prompt]
+    if req.negative_prompt:
+        lines.append(f"Negative prompt: {req.negative_prompt}")
+    items = {"Steps": req.steps, "Sampler": "Euler", "Schedule type": "Simple", "CFG scale": req.true_cfg,
+             "Distilled CFG Scale": req.guidance, "Seed": seed, "Size": f"{req.width}x{req.height}",
+             "Model hash": model_hash[:10], "Model": model_name}
+    if req.strength is not None:
+        items["Denoising strength"] = req.strength
+    if req.loras:
+        items["Lora hashes"] = json.dumps(", ".join(f"{Path(p).stem}: {file_sha256(p)[:12]}" for p, _ in req.loras))
+    items["Version"] = f"{PROG} {__version__}"
+    lines.append(", ".join(f"{k}: {v}" for k, v in items.items()))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ def add_parsers(commands) -> None:
                            help="for a BFL Redux file: the SigLIP vision model (google/siglip-so400m-patch14-384)")
         sampling_options(p, with_strength=mode in ("img2img", "inpaint", "fill"))
         model_options(p)
+        p.add_argument("--sequence-parallel", action="store_true",
+                       help="under torchrun: split each image's tokens over the processes (Ulysses sequence "
+                            "parallelism; NCCL on GPUs, gloo on CPUs); the first process writes the files")
         output_options(p)
 
 
@@ -350,10 +353,27 @@ def make_image(pipe: Any, req: Request, seed: int, prompt_args: dict[str, Any], 
                 **({"_auto_resize": False} if req.keep_reference_size else {}), **hooks)
 
 
+def start_sequence_parallel(req: Request) -> int:
+    """Join torchrun's processes; every one takes the first one's seed (a random seed is drawn per process)."""
+    import torch.distributed as dist
+
+    from ..training.trainer import init_distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UsageError("--sequence-parallel splits the work over torchrun's processes: run it as torchrun "
+                         "--nproc-per-node N -m rectiflux ... (N >= 2)")
+    rank, _ = init_distributed()
+    seed = [req.seed]
+    dist.broadcast_object_list(seed, src=0)
+    req.seed = seed[0]
+    return rank
+
+
 def run_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     recipe = read_recipe(args.from_png) if args.from_png else {}
     req = make_request(args, recipe)
+    rank = start_sequence_parallel(req) if getattr(args, "sequence_parallel", False) else 0
     check_text(req)
     paths = output_paths(args.output, req.seed, req.num_images)
     check_outputs(paths, args.overwrite)
@@ -376,7 +396,14 @@ def run_generate(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     if tty:
         print(f"{PROG}: loading {req.model} ({req.dtype}, {device})", file=sys.stderr, flush=True)
+    if getattr(args, "sequence_parallel", False):
+        if device.type == "cuda":
+            import torch
+
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     pipe = prepare_pipeline(req, device, args.debug)
+    if getattr(args, "sequence_parallel", False):
+        pipe.enable_sequence_parallel()  # a head count the processes do not divide: one line, exit 2
     check_kind(req, pipe)
     resolve_settings(req, pipe, images)
     model_hash = weights_sha256(transformer_files(pipe.source), notice=sys.stderr if tty else None)
@@ -402,7 +429,15 @@ def run_generate(args: argparse.Namespace) -> int:
         out = make_image(pipe, req, seed, prompt_args, inputs, progress=timer)
         ran, cached = ran + out.steps, cached + out.cached_steps
         # each image is saved as soon as it is made: stopping a long batch keeps what is done
-        write_png(out.images[0], path, recipe_text(req, seed, pipe, model_hash), args.overwrite)
+        if rank == 0:
+            write_png(out.images[0], path, recipe_text(req, seed, pipe, model_hash), args.overwrite)
+    if getattr(args, "sequence_parallel", False):
+        import torch.distributed as dist
+
+        dist.barrier()  # the first process has written the files
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
 
     names = ", ".join(map(str, paths)) if len(paths) <= 4 else f"{paths[0]} ... {paths[-1]}"
     seeds = f"seed {req.seed}" if len(paths) == 1 else f"seeds {req.seed}-{req.seed + len(paths) - 1}"

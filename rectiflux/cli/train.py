@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from ..training import DEFAULT_TARGETS
 from .options import UsageError, debug_option, guidance_type, scale_type, seed_type, steps_type, whole_type
 from .recipe import model_argument
 
-STAGE_FILES = ("checkpoint.safetensors", "metrics.jsonl")
+STAGE_FILES = ("checkpoint.safetensors", "checkpoint.json", "metrics.jsonl")  # .json: a sharded run's manifest
+SHARD_DIR = "checkpoint-shards"  # rectiflux.training.sharding.SHARD_DIR (not imported here: it imports torch)
+FSDP_HELP = ("shard the model over the processes with FSDP2 instead of replicating it (DDP): under torchrun / "
+             "accelerate launch; checkpoints are written one file per process and resume under as many")
 
 
 def add_parsers(commands) -> None:
@@ -35,6 +39,7 @@ def add_parsers(commands) -> None:
         p.add_argument(f"--{name}", type=whole_type(f"--{name}", low), help=what)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--fsdp", action="store_true", help=FSDP_HELP)
     debug_option(p)
 
     p = commands.add_parser("train-lora", help="train LoRA adapters on a folder of captioned images",
@@ -66,6 +71,7 @@ def add_parsers(commands) -> None:
     p.add_argument("--save-every", type=whole_type("--save-every"), default=100)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--fsdp", action="store_true", help=FSDP_HELP + " (the frozen transformer is sharded too)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     debug_option(p)
@@ -104,7 +110,7 @@ def run_train(args: argparse.Namespace) -> int:
                 flux[name] = value
             if stage == "":
                 ae[name] = value
-    for flag in ("bf16", "grad_checkpointing"):
+    for flag in ("bf16", "grad_checkpointing", "fsdp"):
         if getattr(args, flag):
             ae[flag] = flux[flag] = True
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
@@ -118,7 +124,9 @@ def run_train(args: argparse.Namespace) -> int:
                          "start afresh")
     if args.overwrite:
         for path in found:
-            path.unlink()
+            path.unlink(missing_ok=True)  # every process of a launch runs this
+        for stage in stages:
+            shutil.rmtree(Path(args.out) / stage / SHARD_DIR, ignore_errors=True)
     from ..shapes.recipe import train_shapes
     from .generate import quiet_libraries
 
@@ -131,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_train_lora(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    found = [out / name for name in ("checkpoint.safetensors", "metrics.jsonl") if (out / name).exists()]
+    found = [out / name for name in STAGE_FILES if (out / name).exists()]
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if found and not (args.resume or args.overwrite):
@@ -141,7 +149,8 @@ def run_train_lora(args: argparse.Namespace) -> int:
         raise UsageError(f"no training folder at {args.data}")
     if args.overwrite:
         for path in found:
-            path.unlink()
+            path.unlink(missing_ok=True)  # every process of a launch runs this
+        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
     from ..pipelines.load import load
     from ..training.lora import train_lora
     from .generate import quiet_libraries
@@ -153,7 +162,7 @@ def run_train_lora(args: argparse.Namespace) -> int:
                       targets=targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       timesteps=args.timesteps, guidance=args.guidance, caption_dropout=args.caption_dropout,
                       resolution=args.resolution, format=args.format, save_every=args.save_every, bf16=args.bf16,
-                      grad_checkpointing=args.grad_checkpointing)
+                      grad_checkpointing=args.grad_checkpointing, fsdp=args.fsdp)
     print(f"wrote the LoRA to {path}")
     return 0
 

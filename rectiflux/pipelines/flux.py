@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -284,6 +285,30 @@ class FluxPipeline:
         """See enable_attention_slicing."""
 
     # ------------------------------------------------------------------------------------------------------------
+    # several processes for one image (rectiflux.parallel)
+
+    def enable_sequence_parallel(self, group: Any = None) -> None:
+        """Split the transformer's tokens over the processes of `group` (a ProcessGroup or a 1-D DeviceMesh; None:
+        the default group, which torch.distributed must have initialised): Ulysses sequence parallelism. Every
+        process makes the same call and gets the same images; without a seed or generator the first process draws
+        the seed for all of them. A head count the group's size does not divide is refused."""
+        from ..parallel import sequence_parallel
+
+        sequence_parallel(self.transformer, group)
+
+    def disable_sequence_parallel(self) -> None:
+        """Run the whole transformer in this process again."""
+        from ..parallel import remove_sequence_parallel
+
+        remove_sequence_parallel(self.transformer)
+
+    def _parallel_group(self):
+        """The process group the transformer splits its tokens over, or None (rectiflux.parallel is imported only
+        when something turned it on)."""
+        sequence = sys.modules.get("rectiflux.parallel.sequence")
+        return None if sequence is None else sequence.sequence_parallel_group(self.transformer)
+
+    # ------------------------------------------------------------------------------------------------------------
     # LoRA, with diffusers' FluxLoraLoaderMixin names (rectiflux.lora)
 
     @property
@@ -480,6 +505,11 @@ class FluxPipeline:
         self._resolve(call, task)
         if call.seed is not None and call.generator is None:
             call.generator = torch.Generator("cpu").manual_seed(call.seed)
+        group = self._parallel_group()
+        if group is not None and call.generator is None and call.latents is None:  # every rank draws the same noise
+            from ..parallel import shared_seed
+
+            call.generator = torch.Generator("cpu").manual_seed(shared_seed(group))
         task.check(self, call)
         geometry = task.geometry(self, call)
         self._check_size(geometry)

@@ -315,6 +315,7 @@ class Engine:
             self._finish(job, "cancelled")
             return
         job.state, job.started = "running", time.time()
+        job.previewed = time.perf_counter()  # the first preview after PREVIEW_INTERVAL: none for quick jobs
         self.history.save(job.record())
         job.touch()
         try:
@@ -350,8 +351,9 @@ class Engine:
             write_png(out.images[0], self.images_dir / name, recipe_text(req, req.seed + k, self.pipe,
                                                                          self.model_hash), overwrite=False)
             job.images.append(name)
-            self.history.save(job.record())
-            job.touch()
+            if k < req.num_images - 1:  # after the last one the job's end is told at once
+                self.history.save(job.record())
+                job.touch()
 
     def _use_loras(self, req: Request) -> None:
         by_path = {lora.path: lora.name for lora in self.loras.values()}

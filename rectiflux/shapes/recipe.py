@@ -116,8 +116,9 @@ def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_
         if resume and trainer.checkpoint_path().exists():
             trainer.load_checkpoint()
         trainer.fit()
+        ema = trainer.whole_ema()  # a sharded run gathers it (every process takes part) for rank 0
         if trainer.rank == 0:
-            save_autoencoder(trainer.ema, ae_dir / "final")
+            save_autoencoder(ema, ae_dir / "final")
         _barrier()
     autoencoder = load_autoencoder(ae_dir / "final", dtype=torch.float32).eval().requires_grad_(False)
     flux_dir = out / "flux"
@@ -128,8 +129,9 @@ def train_shapes(out: str | os.PathLike, ae_overrides: dict | None = None, flux_
         if resume and trainer.checkpoint_path().exists():
             trainer.load_checkpoint()
         trainer.fit(sample_fn=_sample_grid)
+        ema = trainer.whole_ema()
         if trainer.rank == 0:
-            save_transformer(trainer.ema, flux_dir / "final")
+            save_transformer(ema, flux_dir / "final")
         _barrier()
     if not (flux_dir / "final").exists():  # only the autoencoder so far
         return ae_dir / "final"

@@ -6,10 +6,15 @@ once; the objective is the rectified flow's velocity at logit-normal (or size-sh
 distilled-guidance value. Runs under torchrun / accelerate like the main trainer (the adapters' gradients are
 averaged), resumes from its checkpoint, and writes the adapters in the diffusers/peft layout (diffusers'
 `load_lora_weights` reads it) or kohya's.
+
+With `fsdp` (and more than one process) the frozen transformer is sharded too: a sharded copy of it trains (each
+block a unit; the adapters, their AdamW state and the layers outside the blocks in the root's unit) while the
+pipeline's own transformer gives up its weights, which come back, gathered from the shards, once training ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -31,8 +36,9 @@ from ..sampling.latents import latent_image_ids, pack_latents, text_ids
 from ..sampling.schedule import compute_mu, time_shift
 from ..weights.checkpoint import save_state_dict
 from ..weights.layout import SWAPPED, transformer_parts
-from . import DEFAULT_TARGETS
-from .trainer import flow_pair, init_distributed, sample_t
+from . import DEFAULT_TARGETS, sharding
+from .sharding import full
+from .trainer import check_split, flow_pair, init_distributed, sample_t
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -57,6 +63,8 @@ class LoraTrainConfig:
     max_sequence_length: int | None = None  # None: the model's default
     bf16: bool = False
     grad_checkpointing: bool = False
+    grad_accumulation: int = 1  # micro-batches per process and step (the random stream is drawn per micro-batch)
+    fsdp: bool = False  # shard the frozen transformer and the adapters over the processes (FSDP2) instead of DDP
     save_every: int = 100
     log_every: int = 10
     format: str = "peft"  # or "kohya"
@@ -114,9 +122,9 @@ class LoraNetwork(nn.Module):
         self.handles.clear()
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Our module name -> (down, up), detached float32."""
-        return {n: (self.downs[n.replace(".", "__")].detach().float().cpu(),
-                    self.ups[n.replace(".", "__")].detach().float().cpu()) for n in self.names}
+        """Our module name -> (down, up), detached float32, whole (sharded ones gathered: every rank calls this)."""
+        return {n: (full(self.downs[n.replace(".", "__")].detach()).float().cpu(),
+                    full(self.ups[n.replace(".", "__")].detach()).float().cpu()) for n in self.names}
 
 
 def lora_state_dict(factors: dict[str, tuple[Tensor, Tensor]], config, rank: int, alpha: float,
@@ -198,20 +206,35 @@ class LoraTrainer:
     def __init__(self, cfg: LoraTrainConfig, pipe):
         self.cfg, self.pipe = cfg, pipe
         self.rank, self.world = init_distributed()
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} does not split over {self.world} processes")
+        check_split(cfg.batch_size, self.world, cfg.grad_accumulation)
+        self.sharded = cfg.fsdp and self.world > 1  # one process has nothing to shard: it runs as without fsdp
         self.out = Path(cfg.out)
         self.device = pipe.device
         self.resolution = cfg.resolution or pipe.defaults.width
         self.seq_len = cfg.max_sequence_length or pipe.defaults.max_sequence_length
         self.data = CachedData(pipe, read_dataset(cfg.data), self.resolution, self.seq_len)
-        transformer = pipe.transformer.materialize()
+        self.base = transformer = pipe.transformer.materialize()
+        if self.sharded:
+            wrong = next((p.dtype for p in transformer.parameters() if not p.is_floating_point()), None)
+            if wrong is not None:
+                raise ValueError(f"--fsdp shards floating-point weights; this transformer holds {wrong} ones")
+            self.mesh = sharding.device_mesh(self.device)
+            transformer = sharding.sharded_copy(sharding.meta_copy(transformer), transformer, self.mesh, self.device,
+                                                shard_root=False)
+            sharding.release(self.base)  # back from the shards in restore_transformer()
         transformer.gradient_checkpointing = cfg.grad_checkpointing
-        self.network = LoraNetwork(transformer, cfg.rank, cfg.scale, cfg.targets, cfg.seed).to(self.device)
+        self.network = LoraNetwork(transformer, cfg.rank, cfg.scale, cfg.targets, cfg.seed)
+        if self.sharded:
+            self.network.downs.to(self.device)
+            self.network.ups.to(self.device)
+            sharding.shard(self.network, [], self.mesh)  # the root: adapters and the layers outside the blocks
+        else:
+            self.network.to(self.device)
         params = [*self.network.downs.values(), *self.network.ups.values()]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.ddp = (nn.parallel.DistributedDataParallel(self.network, device_ids=None if self.device.type == "cpu"
-                                                        else [self.device.index]) if self.world > 1 else self.network)
+                                                        else [self.device.index])
+                    if self.world > 1 and not self.sharded else self.network)
         self.generator = torch.Generator()
         self.step = 0
 
@@ -219,10 +242,31 @@ class LoraTrainer:
         return self.cfg.lr * min(1.0, (step + 1) / max(self.cfg.warmup, 1))
 
     def train_step(self) -> float:
+        cfg, micro = self.cfg, self.cfg.grad_accumulation
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for m in range(micro):
+            # the random stream is a function of (seed, step, slice of the global batch), the slice the rank's
+            # with one micro-batch: one process with N micro-batches draws what N processes draw
+            part = self.rank * micro + m
+            loss = self.slice_loss(part, cfg.batch_size // (self.world * micro))
+            sync = self.ddp.no_sync() if m < micro - 1 and isinstance(self.ddp, nn.parallel.DistributedDataParallel) \
+                else contextlib.nullcontext()
+            with sync:
+                (loss / micro if micro > 1 else loss).backward()
+            losses.append(loss.item())
+        nn.utils.clip_grad_norm_([*self.network.downs.values(), *self.network.ups.values()], cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return sum(losses) / micro
+
+    def slice_loss(self, part: int, per_rank: int) -> Tensor:
+        """The loss of slice `part` (of `per_rank` samples) of this step's global batch."""
         cfg = self.cfg
-        self.generator.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
-        per_rank = cfg.batch_size // self.world
-        rng = random.Random(cfg.seed * 7919 + self.step * self.world + self.rank)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + part)
+        rng = random.Random(cfg.seed * 7919 + self.step * self.world * cfg.grad_accumulation + part)
         index = [rng.randrange(len(self.data)) for _ in range(per_rank)]
         d = self.data
         z = d.mean[index] + d.std[index] * torch.randn(d.mean[index].shape, generator=self.generator)
@@ -239,19 +283,11 @@ class LoraTrainer:
         embeds = torch.stack([d.text[c][0] for c in captions]).to(self.device)
         pooled = torch.stack([d.text[c][1] for c in captions]).to(self.device)
         guidance = torch.full((per_rank,), cfg.guidance, device=self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             pred = self.ddp(img=x_t, img_ids=latent_image_ids(h, w, self.device), txt=embeds,
                             txt_ids=text_ids(embeds.shape[1], self.device), timesteps=t.to(self.device), y=pooled,
                             guidance=guidance if self.network.transformer.config.guidance_embed else None)
-            loss = F.mse_loss(pred.float(), target.float())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_([*self.network.downs.values(), *self.network.ups.values()], cfg.grad_clip)
-        self.optimizer.step()
-        self.step += 1
-        return loss.item()
+            return F.mse_loss(pred.float(), target.float())
 
     def fit(self) -> Path:
         cfg = self.cfg
@@ -278,26 +314,40 @@ class LoraTrainer:
         return self.out / ("pytorch_lora_weights.safetensors" if self.cfg.format == "peft" else "lora.safetensors")
 
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.safetensors"
+        """`checkpoint.json` (a sharded run's manifest) or `checkpoint.safetensors` (see Trainer.checkpoint_path)."""
+        return sharding.checkpoint_path(self.out, self.sharded)
+
+    def _lora_state(self) -> dict[str, Tensor]:
+        return {f"lora.{k}": v for k, v in self.network.state_dict().items() if k.startswith(("downs.", "ups."))}
 
     def save(self) -> None:
-        if self.rank != 0:
+        if self.rank != 0 and not self.sharded:
             return
         cfg = self.cfg
-        tensors, metadata = lora_state_dict(self.network.factors(), self.network.transformer.config, cfg.rank,
-                                            cfg.alpha if cfg.alpha is not None else cfg.rank, cfg.format)
-        save_state_dict(tensors, self.lora_path(), metadata)
-        state = {f"lora.{k}": v for k, v in self.network.state_dict().items() if k.startswith(("downs.", "ups."))}
+        factors = self.network.factors()  # gathered on every rank when sharded
+        if self.rank == 0:
+            tensors, metadata = lora_state_dict(factors, self.network.transformer.config, cfg.rank,
+                                                cfg.alpha if cfg.alpha is not None else cfg.rank, cfg.format)
+            save_state_dict(tensors, self.lora_path(), metadata)
+        state = self._lora_state()
         params = [*self.network.downs.values(), *self.network.ups.values()]
         for i, p in enumerate(params):
             s = self.optimizer.state.get(p)
             if s:
                 state |= {f"optim.{i}.exp_avg": s["exp_avg"], f"optim.{i}.exp_avg_sq": s["exp_avg_sq"],
                           f"optim.{i}.step": torch.as_tensor(s["step"]).reshape(1).float()}
-        save_state_dict(state, self.checkpoint_path(), {"step": str(self.step), "config": json.dumps(asdict(cfg))})
+        if self.sharded:
+            sharding.save_sharded(self.out, self.step, state, {"config": json.dumps(asdict(cfg))})
+        else:
+            save_state_dict(state, self.checkpoint_path(), {"step": str(self.step), "config": json.dumps(asdict(cfg))})
 
     def load_checkpoint(self) -> None:
-        with safe_open(str(self.checkpoint_path()), framework="pt") as f:
+        path = self.checkpoint_path()
+        sharding.check_kind(path, self.sharded, self.world)
+        if self.sharded:
+            self._load_sharded(path)
+            return
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             state = {k: f.get_tensor(k) for k in f.keys()}
         self.network.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("lora.")}, strict=False)
@@ -307,6 +357,33 @@ class LoraTrainer:
                                            "exp_avg_sq": state[f"optim.{i}.exp_avg_sq"].to(p),
                                            "step": state[f"optim.{i}.step"].reshape(()).clone()}
         self.step = int(meta["step"])
+
+    def _load_sharded(self, path: Path) -> None:
+        manifest = sharding.read_manifest(path, self.world)
+        targets = self._lora_state()
+        required = list(targets)
+        params = [*self.network.downs.values(), *self.network.ups.values()]
+        for i, p in enumerate(params):
+            if f"optim.{i}.exp_avg" in manifest["shapes"]:
+                targets |= {f"optim.{i}.exp_avg": torch.zeros_like(p.detach()),
+                            f"optim.{i}.exp_avg_sq": torch.zeros_like(p.detach()), f"optim.{i}.step": torch.zeros(1)}
+        sharding.check_shapes(path, manifest, {k: tuple(v.shape) for k, v in targets.items()}, required)
+        sharding.load_sharded(path, manifest, targets)
+        for i, p in enumerate(params):
+            if f"optim.{i}.exp_avg" in manifest["shapes"]:
+                self.optimizer.state[p] = {"exp_avg": targets[f"optim.{i}.exp_avg"],
+                                           "exp_avg_sq": targets[f"optim.{i}.exp_avg_sq"],
+                                           "step": targets[f"optim.{i}.step"].reshape(()).clone()}
+        self.step = int(manifest["step"])
+
+    def restore_transformer(self) -> None:
+        """Give the pipeline's transformer back its weights, gathered from the sharded copy that trained (every
+        rank calls this); nothing to do when the run was not sharded."""
+        if not self.sharded:
+            return
+        prefix = "transformer."
+        state = {k[len(prefix):]: v for k, v in self.network.state_dict().items() if k.startswith(prefix)}
+        sharding.restore(self.base, state)
 
 
 def train_lora(pipe, resume: bool = False, **settings) -> Path:
@@ -324,6 +401,7 @@ def train_lora(pipe, resume: bool = False, **settings) -> Path:
     finally:
         trainer.network.detach_hooks()
         trainer.network.transformer.gradient_checkpointing = False
+    trainer.restore_transformer()
     if dist.is_initialized():
         dist.barrier()
     return path

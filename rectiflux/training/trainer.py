@@ -1,13 +1,18 @@
 """Training: rectified flow for the transformer, reconstruction + KL for the autoencoder, guidance distillation.
 
 One process or many (torchrun / `accelerate launch` set RANK and WORLD_SIZE; gloo on CPU, NCCL on GPUs) with
-no code change: the global batch is the same whatever the number of processes, each taking a slice of it.
+no code change: the global batch is the same whatever the number of processes, each taking a slice of it (and
+with `grad_accumulation`, a process takes its slice in micro-batches). The model is replicated (DDP), or with
+`fsdp` sharded (FSDP2, `training.sharding`): the model, its EMA, the teacher, the gradients and AdamW's state each
+kept as one shard per process.
 Runs are seeded and resumable: a checkpoint holds the weights, the EMA, the optimizer, the data position and
-the random state, so a killed run continues exactly where it stopped.
+the random state, so a killed run continues exactly where it stopped. Sharded runs write one file per process and
+a manifest (`sharding.save_sharded`) and resume under the same number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -33,6 +38,8 @@ from ..sampling.latents import latent_image_ids, pack_latents, text_ids
 from ..sampling.schedule import SchedulerConfig, compute_mu, time_shift
 from ..shapes.world import Scene, random_caption, random_scene, render
 from ..weights.checkpoint import save_state_dict
+from . import sharding
+from .sharding import full, local
 
 
 @dataclass
@@ -65,6 +72,8 @@ class TrainConfig:
     # machinery
     bf16: bool = False
     grad_checkpointing: bool = False
+    grad_accumulation: int = 1  # micro-batches per process and step (the random stream is drawn per micro-batch)
+    fsdp: bool = False  # shard the model over the processes (FSDP2) instead of replicating it (DDP)
     checkpoint_every: int = 500
     sample_every: int = 0
     log_every: int = 20
@@ -159,8 +168,8 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} does not split over {self.world} processes")
+        check_split(cfg.batch_size, self.world, cfg.grad_accumulation)
+        self.sharded = cfg.fsdp and self.world > 1  # one process has nothing to shard: it runs as without fsdp
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device).train()
         self.autoencoder, self.text_encoders = autoencoder, text_encoders
@@ -174,14 +183,21 @@ class Trainer:
                 model.encoder.conv_out.bias[model.config.latent_channels:].fill_(cfg.initial_logvar)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.teacher: nn.Module | None = None
+        forward = Reconstruct(self.model) if isinstance(model, AutoEncoder) else self.model
+        if self.sharded:
+            # the EMA and the teacher are sharded like the model: each rank holds the same rows of every tensor
+            self.mesh = sharding.device_mesh(self.device)
+            self.skeleton = sharding.meta_copy(self.ema)  # whole and sharded copies are built from it
+            sharding.shard(forward, sharding.units_of(self.model), self.mesh)
+            sharding.shard(self.ema, sharding.units_of(self.ema), self.mesh, frozen=True)
         decay, no_decay = [], []
         for p in self.model.parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
-        forward = Reconstruct(self.model) if isinstance(model, AutoEncoder) else self.model
         self.ddp = (nn.parallel.DistributedDataParallel(forward, device_ids=None if self.device.type == "cpu"
-                                                        else [self.device.index]) if self.world > 1 else forward)
+                                                        else [self.device.index])
+                    if self.world > 1 and not self.sharded else forward)
         self.generator = torch.Generator()
         self.step = 0
         self.out = Path(cfg.out)
@@ -195,29 +211,45 @@ class Trainer:
         return self.cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def train_step(self) -> dict[str, float]:
-        # the random stream is a function of (seed, step, rank): a resumed run draws what the killed one would have
-        self.generator.manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.rank)
+        cfg, micro = self.cfg, self.cfg.grad_accumulation
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        per_rank = self.cfg.batch_size // self.world
-        start = self.step * self.cfg.batch_size + self.rank * per_rank
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
-        with autocast:
-            if self.cfg.stage == "ae":
-                pixels, _, _ = shapes_batch(self.cfg.seed, start, per_rank)
-                loss, extra = self.ae_loss(pixels.to(self.device))
-            else:
-                loss, extra = self.flux_loss(*self.bank.batch(self.cfg.seed, start, per_rank))
+        per_slice = cfg.batch_size // (self.world * micro)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        losses, extras = [], []
+        for m in range(micro):
+            # the global batch is split in world x micro slices, and the random stream is a function of (seed,
+            # step, slice): a resumed run draws what the killed one would have, and one process with N
+            # micro-batches what N processes draw (with one micro-batch the slice is the rank)
+            part = self.rank * micro + m
+            self.generator.manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + part)
+            start = self.step * cfg.batch_size + part * per_slice
+            with autocast:
+                if cfg.stage == "ae":
+                    pixels, _, _ = shapes_batch(cfg.seed, start, per_slice)
+                    loss, extra = self.ae_loss(pixels.to(self.device))
+                else:
+                    loss, extra = self.flux_loss(*self.bank.batch(cfg.seed, start, per_slice))
+            last = m == micro - 1
+            # DDP averages the gradients of the last micro-batch's backward only (they accumulate locally before);
+            # FSDP reduces each backward into the sharded gradients, which keeps them sharded in between
+            sync = self.ddp.no_sync() if not last and isinstance(self.ddp, nn.parallel.DistributedDataParallel) \
+                else contextlib.nullcontext()
+            with sync:
+                (loss / micro if micro > 1 else loss).backward()
+            losses.append(loss.item())
+            extras.append(extra)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)  # DTensors when sharded
         self.optimizer.step()
         with torch.no_grad():
-            decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
             for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                e.lerp_(p.detach(), 1 - decay)
+                local(e).lerp_(local(p.detach()), 1 - decay)  # the same rows of both on each rank
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": self.lr_at(self.step - 1), **extra}
+        extra = {k: sum(x[k] for x in extras) / micro for k in extras[0]}
+        return {"loss": sum(losses) / micro, "grad_norm": float(full(grad_norm)), "lr": self.lr_at(self.step - 1),
+                **extra}
 
     def ae_loss(self, pixels: Tensor) -> tuple[Tensor, dict]:
         recon, mean, logvar = self.ddp(pixels, self.generator)
@@ -294,7 +326,7 @@ class Trainer:
                           leave=True) as bar:
             while self.step < until:
                 if cfg.distill_steps and self.teacher is None and self.step >= cfg.steps - cfg.distill_steps:
-                    self.teacher = copy.deepcopy(self.ema).eval().requires_grad_(False)
+                    self.teacher = self.frozen_copy(self.ema)
                 stats = self.train_step()
                 seen += cfg.batch_size
                 bar.update(1)
@@ -307,14 +339,61 @@ class Trainer:
                     bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "psnr") if k in stats}, refresh=False)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == until:
                     self.save_checkpoint()
-                if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
-                    sample_fn(self, self.out / "samples" / f"step-{self.step:06d}.png")
+                if sample_fn is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._sample(sample_fn, self.out / "samples" / f"step-{self.step:06d}.png")
+
+    def _sample(self, sample_fn, path: Path) -> None:
+        """sample_fn(trainer, path) on rank 0, with `trainer.ema` whole for the call when the run is sharded."""
+        if not self.sharded:
+            if self.rank == 0:
+                sample_fn(self, path)
+            return
+        whole = self.whole_ema()  # every rank takes part in the gathering
+        if self.rank == 0:
+            sharded, self.ema = self.ema, whole
+            try:
+                sample_fn(self, path)
+            finally:
+                self.ema = sharded
+
+    # -- copies -----------------------------------------------------------------------------------------------
+    def frozen_copy(self, source: nn.Module) -> nn.Module:
+        """A frozen copy of the EMA (the distillation teacher), sharded like it when the run is."""
+        if not self.sharded:
+            return copy.deepcopy(source).eval().requires_grad_(False)
+        return sharding.sharded_copy(self.skeleton, source, self.mesh, self.device).eval().requires_grad_(False)
+
+    def whole_ema(self) -> nn.Module | None:
+        """The EMA as one plain module (what is exported). Sharded runs gather it (every rank calls this) and
+        rank 0 gets it, the others None; otherwise it is `self.ema` itself."""
+        if not self.sharded:
+            return self.ema
+        return sharding.whole_copy(self.skeleton, self.ema, keep=self.rank == 0)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.safetensors"
+        """The run's checkpoint: `checkpoint.json` (a sharded run's manifest) or `checkpoint.safetensors`, the one
+        this run writes unless only the other kind is there (then load_checkpoint says why it cannot resume)."""
+        return sharding.checkpoint_path(self.out, self.sharded)
+
+    def _state(self, with_optimizer: bool = True) -> dict[str, Tensor]:
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        state |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        if self.teacher is not None:
+            state |= {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        return state
 
     def save_checkpoint(self) -> None:
+        if self.sharded:
+            state = self._state()
+            for i, p in enumerate(self.model.parameters()):
+                s = self.optimizer.state.get(p)
+                if s:
+                    state |= {f"optim.{i}.exp_avg": s["exp_avg"], f"optim.{i}.exp_avg_sq": s["exp_avg_sq"],
+                              f"optim.{i}.step": torch.as_tensor(s["step"]).reshape(1).float()}
+            sharding.save_sharded(self.out, self.step, state, {"config": json.dumps(asdict(self.cfg)),
+                                                               "model_config": json.dumps(asdict(self.model.config))})
+            return
         if self.rank != 0:
             return
         state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -331,7 +410,11 @@ class Trainer:
         save_state_dict(state, self.checkpoint_path(), meta)
 
     def load_checkpoint(self, path: Path | None = None) -> None:
-        path = path or self.checkpoint_path()
+        path = Path(path or self.checkpoint_path())
+        sharding.check_kind(path, self.sharded, self.world)
+        if self.sharded:
+            self._load_sharded(path)
+            return
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             state = {k: f.get_tensor(k) for k in f.keys()}
@@ -347,6 +430,35 @@ class Trainer:
                                            "exp_avg_sq": state[f"optim.{i}.exp_avg_sq"].to(p),
                                            "step": state[f"optim.{i}.step"].reshape(()).clone()}
         self.step = int(meta["step"])
+
+    def _load_sharded(self, path: Path) -> None:
+        manifest = sharding.read_manifest(path, self.world)
+        saved = manifest["shapes"]
+        if any(k.startswith("teacher.") for k in saved) and self.teacher is None:
+            self.teacher = self.frozen_copy(self.ema)
+        targets = self._state()
+        params = list(self.model.parameters())
+        for i, p in enumerate(params):
+            if f"optim.{i}.exp_avg" in saved:
+                targets |= {f"optim.{i}.exp_avg": torch.zeros_like(p.detach()),
+                            f"optim.{i}.exp_avg_sq": torch.zeros_like(p.detach()), f"optim.{i}.step": torch.zeros(1)}
+        sharding.check_shapes(path, manifest, {k: tuple(v.shape) for k, v in targets.items()},
+                              [k for k in targets if not k.startswith(("optim.", "teacher."))])
+        sharding.load_sharded(path, manifest, targets)
+        for i, p in enumerate(params):
+            if f"optim.{i}.exp_avg" in saved:
+                self.optimizer.state[p] = {"exp_avg": targets[f"optim.{i}.exp_avg"],
+                                           "exp_avg_sq": targets[f"optim.{i}.exp_avg_sq"],
+                                           "step": targets[f"optim.{i}.step"].reshape(()).clone()}
+        self.step = int(manifest["step"])
+
+
+def check_split(batch_size: int, world: int, micro: int) -> None:
+    if micro < 1:
+        raise ValueError(f"grad_accumulation must be at least 1, got {micro}")
+    if batch_size % (world * micro):
+        raise ValueError(f"batch_size {batch_size} does not split over {world} processes" +
+                         (f" x {micro} micro-batches" if micro > 1 else ""))
 
 
 def init_distributed() -> tuple[int, int]:

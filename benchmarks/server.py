@@ -44,31 +44,13 @@ SIDES = {"direct": "one process (make_image + write_png)", "a1111": "server, POS
 @contextlib.contextmanager
 def serving(data: Path, clients: int) -> Iterator[tuple[str, Any]]:
     """(base URL, engine) of `rectiflux serve --data DATA` running in this process, the default model loaded."""
-    import uvicorn
-
     from rectiflux.cli import build_parser
-    from rectiflux.cli.serve import build, listen
+    from rectiflux.cli.serve import serving_in_thread
 
     args = build_parser().parse_args(["serve", "--data", str(data), "--port", "0", "--max-queue",
                                       str(max(32, clients))])
-    app, engine = build(args)
-    engine.start()
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        engine.stop()
-        engine.history.close()
-        sock.close()
+    with serving_in_thread(args) as served:
+        yield served
 
 
 def settings(seed: int, steps: int) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,26 +41,7 @@ def build_app(data_dir: str | Path, **options: Any):
 @contextlib.contextmanager
 def live_server(data_dir: str | Path, **options: Any) -> Iterator[str]:
     """Yield the base URL ("http://127.0.0.1:PORT") of a running server; stopped (and its worker) on exit."""
-    import uvicorn
+    from rectiflux.cli.serve import serving_in_thread
 
-    from rectiflux.cli.serve import build, listen
-
-    app, engine = build(serve_args(data_dir, **options))
-    engine.start()
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        engine.stop()
-        engine.history.close()
-        sock.close()
+    with serving_in_thread(serve_args(data_dir, **options)) as (url, _):
+        yield url

@@ -5,11 +5,13 @@ the address to listen on)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +203,35 @@ def run_on_ray(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+@contextlib.contextmanager
+def serving_in_thread(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+    """`rectiflux serve ARGS` in a thread of this process, on a free loopback port (for programs that embed the
+    server, the tests and the benchmarks): yields (base URL, engine); the server and its worker stop after."""
+    import threading
+
+    import uvicorn
+
+    app, engine = build(args)
+    engine.start()
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.stop()
+        engine.history.close()
+        sock.close()
 
 
 def run_serve(args: argparse.Namespace) -> int:

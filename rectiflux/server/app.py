@@ -353,7 +353,9 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
 
     @app.get("/api/images/{name}", tags=["native"])
     async def image(name: str) -> Response:
-        return FileResponse(server.image_path(name), media_type="image/png")
+        # read here, not streamed through a thread as FileResponse does: images are small and the hop costs more
+        return Response(server.image_path(name).read_bytes(), media_type="image/png",
+                        headers={"Cache-Control": "max-age=31536000, immutable"})
 
     @app.post("/api/png-info", tags=["native"])
     async def png_info(request: Request) -> dict[str, Any]:
@@ -400,10 +402,14 @@ async def _events(server: Server, record: dict[str, Any], live: Job | None):
             yield _event("job", server.job_json(record))
             if record["state"] in FINAL:
                 return
-            seen = record
+            seen, waited = record, 0.0
             while record == seen:
                 await asyncio.sleep(HISTORY_POLL)
                 record = server.engine.history.get(record["id"]) or seen
+                waited += HISTORY_POLL
+                if waited >= KEEPALIVE:
+                    waited = 0.0
+                    yield ": keepalive\n\n"
     sent_preview = -1
     while True:
         version = live.version

@@ -1,7 +1,8 @@
 """Ulysses sequence parallelism (rectiflux.parallel) on this machine: one transformer step in one process against
 the same step split over processes on gloo, and the bytes the all-to-alls move.
 
-    python -m benchmarks.parallel [--config medium-width] [--world 2] [--calls 3] [--out docs/bench-parallel.md]
+    python -m benchmarks.parallel [--config medium-width] [--world 2] [--calls 3] [--backend ulysses|ring]
+                                  [--out docs/bench-parallel.md]
     python -m benchmarks.parallel --config smoke --out /tmp/bench-parallel.md     # checks the harness only
 
 Configs: `medium` is benchmarks.bench's medium transformer (8 double + 16 single blocks, hidden 1536 = 12 x 128,
@@ -103,7 +104,7 @@ def child(kind: str, payload: dict) -> None:
             start, end = bounds[rank]
             inputs[key] = inputs[key].narrow(dim, start, end - start)
     if kind == "parallel":
-        sequence_parallel(model)
+        sequence_parallel(model, backend=payload.get("backend", "ulysses"))
         def timing(fn):
             def timed(*args, **kwargs):
                 start = time.perf_counter()
@@ -120,11 +121,13 @@ def child(kind: str, payload: dict) -> None:
         barrier()
         velocity = model(**inputs)  # warm-up
         comm["s"], sent = 0.0, getattr(model.attention, "sent", 0)
+        waited = getattr(model.attention, "waited", 0.0)  # ring attention's waits for its transfers
         for _ in range(payload["calls"]):
             barrier()
             start = time.perf_counter()
             model(**inputs)
             steps.append(time.perf_counter() - start)
+    comm["s"] += getattr(model.attention, "waited", 0.0) - waited
     result = {"step": steps, "comm": comm["s"] / payload["calls"],
               "sent": (getattr(model.attention, "sent", 0) - sent) / payload["calls"]}
     if rank == 0:
@@ -155,14 +158,18 @@ def stats(values: list[float]) -> str:
     return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
-def traffic(fields: dict, l_img: int, l_txt: int, world: int, element_size: int) -> tuple[int, int]:
-    """Bytes one rank sends per transformer step: in the all-to-alls, and in the final gather of the velocity."""
+def traffic(fields: dict, l_img: int, l_txt: int, world: int, element_size: int,
+            backend: str = "ulysses") -> tuple[int, int]:
+    """Bytes one rank sends per transformer step: in attention (the all-to-alls, or the ring's k/v transfers), and
+    in the final gather of the velocity."""
     from rectiflux.parallel import Plan
+    from rectiflux.parallel.ring import bytes_per_ring_attention
     from rectiflux.parallel.sequence import bytes_per_attention
 
     plan = Plan(world, 0, l_txt, l_img)
     blocks = fields["depth"] + fields["depth_single"]
-    a2a = blocks * bytes_per_attention(plan, 1, fields["num_heads"], fields["head_dim"], element_size)
+    per_call = bytes_per_ring_attention if backend == "ring" else bytes_per_attention
+    a2a = blocks * per_call(plan, 1, fields["num_heads"], fields["head_dim"], element_size)
     return a2a, plan.img_local * fields["in_channels"] * element_size * (world - 1)
 
 
@@ -177,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the one-process run; each "
                    "rank gets threads / world")
     p.add_argument("--calls", type=int, default=3, help="timed transformer calls per setting, after a warm-up")
+    p.add_argument("--backend", default="ulysses", choices=["ulysses", "ring"], help="sequence parallelism's "
+                   "attention: Ulysses' all-to-alls (default) or ring attention")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-parallel.md")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     fields, l_img, l_txt = CONFIGS[args.config]
-    if fields["num_heads"] % args.world:
+    if args.backend == "ulysses" and fields["num_heads"] % args.world:
         p.error(f"--world {args.world} does not divide the config's {fields['num_heads']} heads")
     per_rank = max(1, args.threads // args.world)
     started = machine(args.threads, "cpu", "float32")[0]
-    payload = {"config": args.config, "calls": args.calls}
+    payload = {"config": args.config, "calls": args.calls, "backend": args.backend}
     with tempfile.TemporaryDirectory(prefix="rectiflux-bench-parallel-") as tmp:
         work = Path(tmp)
         settings = [("1 process", "single", args.threads, 1), ("1 process", "single", per_rank, 1),
@@ -210,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
          "in_channels": fields["in_channels"], "joint_attention_dim": fields["joint_attention_dim"],
          "pooled_projection_dim": fields["pooled_projection_dim"], "guidance_embeds": fields["guidance_embed"]}
     flops = step_flops(t, l_img, l_txt)
-    a2a, gather = traffic(fields, l_img, l_txt, args.world, 4)
+    a2a, gather = traffic(fields, l_img, l_txt, args.world, 4, args.backend)
+    exchange = "the ring's k/v transfers send" if args.backend == "ring" else "the all-to-alls send"
     base = {threads: statistics.median(r["step"]) for _, kind, threads, _, r in results if kind == "single"}
     alone = statistics.median(next(r for _, kind, _, _, r in results if kind == "pair")["step"])
     parallel = next(r for _, kind, _, _, r in results if kind == "parallel")
-    lines = ["# Sequence parallelism (Ulysses) on the CPU, gloo", "",
+    title = "ring attention" if args.backend == "ring" else "Ulysses"
+    lines = [f"# Sequence parallelism ({title}) on the CPU, gloo", "",
              f"`python -m benchmarks.parallel {shlex.join(sys.argv[1:] if argv is None else argv)}`, "
              f"{datetime.now().astimezone().isoformat(timespec='seconds')}", "",
              started, f"- load average at the end {Path('/proc/loadavg').read_text().split()[0]}",
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | {threads} | {stats(r['step'])} | {flops / med / 1e9:.3g} | "
                      f"{base[args.threads] / med:.2f} | {base[per_rank] / med:.2f} |")
     counted = parallel["sent"]
-    lines += ["", f"Communication per step, one rank of {args.world}: the all-to-alls send {mib(a2a)} (computed from "
+    lines += ["", f"Communication per step, one rank of {args.world}: {exchange} {mib(a2a)} (computed from "
               f"the shapes; the attention slot counted {mib(counted)}), the final gather of the velocity "
               f"{mib(gather)}; rank 0 spent {parallel['comm']:.3g} s per step in these collectives "
               f"({100 * parallel['comm'] / statistics.median(parallel['step']):.0f}% of its step, waiting for the "
@@ -241,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
               "", f"Same result: the split step's velocity against the one-process one, max |difference| {diff:.2g}, "
               f"relative error {rel:.2g}.", ""]
     dev = {**MODEL, "num_heads": 24, "depth": 19, "depth_single": 38}
-    rows = [f"| {w} | " + " | ".join(mib(traffic(dev, tokens, 512, w, 2)[0]) for tokens in (1024, 4096)) + " |"
+    rows = [f"| {w} | " + " | ".join(mib(traffic(dev, tokens, 512, w, 2, args.backend)[0]) for tokens in (1024, 4096))
+            + " |"
             for w in (2, 4, 8)]
     lines += ["Computed for FLUX.1-dev (19 + 38 blocks, 24 x 128 heads, 512 text tokens) in bfloat16: bytes one rank "
-              "sends in the all-to-alls per step.", "",
+              f"sends in attention ({args.backend}) per step.", "",
               "| ranks | 512x512 (1024 image tokens) | 1024x1024 (4096 image tokens) |", "|---|---|---|", *rows, "",
               "On a CPU the processes share the same cores and memory bandwidth, so splitting one step over them "
               "cannot beat one process using every core: the same arithmetic is done (each rank's linear layers on its "

@@ -2,10 +2,12 @@
 
     python -m torch.distributed.run --nproc-per-node 2 tests/parallel_worker.py OUT TINY KONTEXT
 
-Each rank makes each case's image twice, first with the transformer whole (no collective runs: the
-single-process image), then split over the ranks; rank 0 writes both as OUT/<case>-single.npy and
-OUT/<case>-parallel.npy, and OUT/facts.json with what else the test checks (the other rank's image against rank
-0's, the step cache's skipped steps, the head-count refusal, the bytes sent).
+Each rank makes each case's image three times, first with the transformer whole (no collective runs: the
+single-process image), then split over the ranks with each backend; rank 0 writes them as OUT/<case>-single.npy,
+OUT/<case>-parallel.npy (Ulysses) and OUT/<case>-ring.npy, and OUT/facts.json with what else the test checks (the
+other rank's image against rank 0's, the step cache's skipped steps, the head-count refusal, the bytes sent).
+Last, a random 3-head transformer (which 2 does not divide) is called directly, whole and with ring attention,
+at token counts that leave a shard of the text, or every row of a shard, empty: OUT/heads3-<n>-{single,ring}.npy.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import torch.distributed as dist
 from PIL import Image
 
 import rectiflux
+from rectiflux.flux.config import FluxConfig
 from rectiflux.flux.layers import attention
+from rectiflux.flux.transformer import Flux
 from rectiflux.parallel import sequence_parallel
+from rectiflux.parallel.sequence import remove_sequence_parallel
 
 H, W = 36, 44  # the tiny models' 2x autoencoder: 18 x 22 latents, 9 x 11 = 99 image tokens
 TINY = {"height": H, "width": W, "num_inference_steps": 3, "max_sequence_length": 11, "guidance_scale": 3.0,
@@ -66,32 +71,70 @@ def cases(tiny: Path, kontext: Path):
     yield "no-seed", flux, {"prompt": prompt, **TINY}, False  # the first rank's seed, sent to the other
 
 
+def ranks_max_abs(x: torch.Tensor) -> float:
+    """How far the other ranks' x is from rank 0's."""
+    xs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(xs, x.contiguous())
+    return max(float((other - xs[0]).abs().max()) for other in xs)
+
+
+def three_heads(n_txt: int, n_img: int) -> tuple[Flux, dict]:
+    """A random transformer with 3 heads of 8, and a batch of 2 inputs, the same in every process."""
+    torch.manual_seed(0)
+    model = Flux(FluxConfig(in_channels=16, num_heads=3, head_dim=8, axes_dim=(2, 2, 4), depth=1, depth_single=2,
+                            joint_attention_dim=32, pooled_projection_dim=32)).eval()
+    gen = torch.Generator().manual_seed(1)
+    img_ids = torch.stack([torch.zeros(n_img), torch.arange(n_img) // 4, torch.arange(n_img) % 4], -1).float()
+    return model, {"img": torch.randn(2, n_img, 16, generator=gen), "img_ids": img_ids,
+                   "txt": torch.randn(2, n_txt, 32, generator=gen), "txt_ids": torch.zeros(n_txt, 3),
+                   "timesteps": torch.tensor([0.5, 0.25]), "y": torch.randn(2, 32, generator=gen),
+                   "guidance": torch.tensor([3.5, 3.5])}
+
+
 def main(out: Path, tiny: Path, kontext: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    facts: dict = {"world": dist.get_world_size(), "cases": {}}
+    facts: dict = {"world": dist.get_world_size(), "cases": {}, "ring": {}}
     for name, pipe, kwargs, seeded in cases(tiny, kontext):
         single = pipe(**kwargs) if seeded else None
-        pipe.enable_sequence_parallel()
-        parallel = pipe(**kwargs)
-        sent = pipe.transformer.attention.sent
-        pipe.disable_sequence_parallel()
-        assert pipe.transformer.attention is attention and "forward" not in vars(pipe.transformer), name
-        image = torch.from_numpy(as_array(parallel.images))
-        images = [torch.empty_like(image) for _ in range(dist.get_world_size())]
-        dist.all_gather(images, image)
-        facts["cases"][name] = {
-            "ranks_max_abs": max(float((other - images[0]).abs().max()) for other in images),
-            "cached_steps": [parallel.cached_steps] + ([single.cached_steps] if seeded else []),
-            "bytes_sent": sent}
-        if rank == 0:
-            if seeded:
-                np.save(out / f"{name}-single.npy", as_array(single.images))
-            np.save(out / f"{name}-parallel.npy", as_array(parallel.images))
+        if rank == 0 and seeded:
+            np.save(out / f"{name}-single.npy", as_array(single.images))
+        for backend, key, suffix in (("ulysses", "cases", "parallel"), ("ring", "ring", "ring")):
+            pipe.enable_sequence_parallel(backend=backend)
+            assert pipe.transformer.attention.backend == backend
+            parallel = pipe(**kwargs)
+            sent = pipe.transformer.attention.sent
+            pipe.disable_sequence_parallel()
+            assert pipe.transformer.attention is attention and "forward" not in vars(pipe.transformer), name
+            facts[key][name] = {
+                "ranks_max_abs": ranks_max_abs(torch.from_numpy(as_array(parallel.images))),
+                "cached_steps": [parallel.cached_steps] + ([single.cached_steps] if seeded else []),
+                "bytes_sent": sent}
+            if rank == 0:
+                np.save(out / f"{name}-{suffix}.npy", as_array(parallel.images))
     try:
         sequence_parallel(types.SimpleNamespace(config=types.SimpleNamespace(num_heads=3)))
     except ValueError as e:
         facts["refusal"] = str(e)
+    # 3 heads: ring attention works, Ulysses refuses the real model too; 1 text token leaves rank 1's text shard
+    # empty, and 1 + 1 tokens leave rank 1 no real row at all
+    facts["heads3"] = {}
+    for n_txt, n_img in ((1, 13), (1, 1)):
+        model, inputs = three_heads(n_txt, n_img)
+        with torch.no_grad():
+            single = model(**inputs)
+            try:
+                sequence_parallel(model)
+            except ValueError as e:
+                refused = str(e)
+            sequence_parallel(model, backend="ring")
+            ring = model(**inputs)
+            remove_sequence_parallel(model)
+        assert model.attention is attention and "forward" not in vars(model)
+        facts["heads3"][f"{n_txt}-{n_img}"] = {"refusal": refused, "ranks_max_abs": ranks_max_abs(ring)}
+        if rank == 0:
+            np.save(out / f"heads3-{n_txt}-{n_img}-single.npy", single.numpy())
+            np.save(out / f"heads3-{n_txt}-{n_img}-ring.npy", ring.numpy())
     if rank == 0:
         (out / "facts.json").write_text(json.dumps(facts, indent=1))
     dist.destroy_process_group()

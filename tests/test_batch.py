@@ -48,7 +48,7 @@ def test_lines_seeds_bad_lines_and_resume(tmp_path, capsys):
     assert cli.main(["batch", str(tmp_path / "p.txt"), "--out", str(out), "--seed", "100"]) == 1
     err = capsys.readouterr().err
     assert "line 5: steps: the number of steps must be at least 1" in err
-    assert "line 7: model: this line was made with other" in err
+    assert "line 7: model: the line names the model other" in err
     assert "line 8: not a JSON object" not in err  # a line not starting with { is a prompt
     entries = manifest(out)
     assert sorted(entries) == [1, 4, 5, 6, 7, 8]

@@ -167,10 +167,10 @@ def request_for(args: argparse.Namespace, line: dict[str, Any], number: int) -> 
 
     batch_model = model_argument(args.model or args.comfyui_models or "shapes")
     if "model" in line and model_argument(str(line["model"])) != batch_model:
-        raise BadLine(f"model: this line was made with {line['model']}; one batch runs one model ({batch_model})")
+        raise BadLine(f"model: the line names the model {line['model']}; one batch runs one model ({batch_model})")
     batch_loras = sorted((os.path.abspath(p), float(s)) for p, s in args.loras)
     if "loras" in line and line["loras"] != batch_loras:
-        raise BadLine("loras: this line was made with other LoRAs; one batch runs the command line's --lora ones")
+        raise BadLine("loras: the line names other LoRAs; one batch runs the command line's --lora ones")
     base = {k: getattr(args, k) for k in SAMPLING if getattr(args, k, None) is not None}
     settings = {k: v for k, v in {**base, **line}.items() if k not in ("model", "loras")}
     if "seed" not in line:
@@ -340,8 +340,11 @@ def run_batch(args: argparse.Namespace) -> int:
 def run_on_ray(args: argparse.Namespace, todo: list[tuple[int, dict[str, Any], int]]):
     """The lines on Ray Data: an actor pool of LineMakers (one per GPU, else one per CPU slot), `map_batches` over
     the lines, one line per batch; yields each line's manifest entry as it arrives."""
+    # the progress bar is ours: Ray Data's own progress lines (INFO, read when ray.data is imported) would repeat it
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     try:
         import ray
+        import ray.data
     except ImportError:
         raise UsageError("--ray needs Ray: pip install 'rectiflux[ray]'") from None
     import logging
@@ -354,6 +357,7 @@ def run_on_ray(args: argparse.Namespace, todo: list[tuple[int, dict[str, Any], i
         logging.getLogger(name).setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
+    context.enable_progress_bars = False
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))

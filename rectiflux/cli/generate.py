@@ -81,9 +81,10 @@ def add_parsers(commands) -> None:
                            help="for a BFL Redux file: the SigLIP vision model (google/siglip-so400m-patch14-384)")
         sampling_options(p, with_strength=mode in ("img2img", "inpaint", "fill"))
         model_options(p)
-        p.add_argument("--sequence-parallel", action="store_true",
-                       help="under torchrun: split each image's tokens over the processes (Ulysses sequence "
-                            "parallelism; NCCL on GPUs, gloo on CPUs); the first process writes the files")
+        p.add_argument("--sequence-parallel", nargs="?", const="ulysses", choices=("ulysses", "ring"),
+                       metavar="BACKEND", help="under torchrun: split each image's tokens over the processes "
+                       "(sequence parallelism: ulysses, the default, or ring attention for head counts the "
+                       "processes do not divide; NCCL on GPUs, gloo on CPUs); the first process writes the files")
         output_options(p)
 
 
@@ -403,7 +404,8 @@ def run_generate(args: argparse.Namespace) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     pipe = prepare_pipeline(req, device, args.debug)
     if getattr(args, "sequence_parallel", False):
-        pipe.enable_sequence_parallel()  # a head count the processes do not divide: one line, exit 2
+        pipe.enable_sequence_parallel(backend=args.sequence_parallel)  # Ulysses and a head count the processes
+        # do not divide: one line, exit 2
     check_kind(req, pipe)
     resolve_settings(req, pipe, images)
     model_hash = weights_sha256(transformer_files(pipe.source), notice=sys.stderr if tty else None)

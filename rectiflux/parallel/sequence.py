@@ -13,6 +13,9 @@ padding rows are dropped and the real tokens put back in the unsharded [txt; img
 attention sees exactly the single-process sequence: padded keys never take part, and padded queries produce
 zeros. The step cache's residuals are gathered before it decides, so every rank skips the same steps.
 
+Ring attention (ring.py, `backend="ring"`) uses the same plan, sharded forward and gathers; only the attention
+slot differs: queries stay, k/v shards travel round the ranks, and any head count works.
+
 The small functions (bounds, padding, the exchanges' reshapes) are pure and take no group; `SequenceParallel-
 Attention` and the forward wrapper are the only parts that talk to torch.distributed, through its functional
 collectives (NCCL on CUDA, gloo on the CPU, which in torch 2.13 supports all_to_all_single and all_gather).
@@ -221,7 +224,10 @@ class SequenceParallelAttention:
     """What a sequence-parallel model's `attention` slot holds: the exchange of sequence shards for head shards
     around the attention function the model had (`inner`). The model's wrapped forward sets `plan` for each call.
 
-    `sent` counts the bytes this rank sent to the others (`bytes_per_attention` per call), for benchmarks."""
+    `sent` counts the bytes this rank sent to the others (`bytes_per_attention` per call), for benchmarks.
+    ring.RingAttention, the other backend, is a subclass."""
+
+    backend = "ulysses"
 
     def __init__(self, group: dist.ProcessGroup, inner):
         self.group, self.inner = group, inner
@@ -304,17 +310,28 @@ class ShardedForward:
 # the switch
 
 
-def sequence_parallel(model: nn.Module, group: Group = None) -> nn.Module:
+BACKENDS = ("ulysses", "ring")
+
+
+def sequence_parallel(model: nn.Module, group: Group = None, backend: str = "ulysses") -> nn.Module:
     """Make a Flux model split each call's tokens over the ranks of `group` (None: the default process group);
     returns the model. Every rank must call the model with the same inputs, and gets the same output.
 
-    Only the model's `attention` slot and its forward (an instance attribute wrapping the class's) change;
-    `remove_sequence_parallel` restores both. A head count the group's size does not divide is refused.
+    `backend` is how attention sees the whole sequence: "ulysses" (all-to-alls to head shards; a head count the
+    group's size does not divide is refused) or "ring" (k/v shards sent round the ranks, any head count:
+    ring.py). Only the model's `attention` slot and its forward (an instance attribute wrapping the class's)
+    change; `remove_sequence_parallel` restores both.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"sequence parallelism's backend is one of {', '.join(BACKENDS)}, not {backend!r}")
     pg = process_group(group)
-    check_heads(model.config.num_heads, dist.get_world_size(pg))
+    if backend == "ulysses":
+        check_heads(model.config.num_heads, dist.get_world_size(pg))
+        kind = SequenceParallelAttention
+    else:
+        from .ring import RingAttention as kind
     remove_sequence_parallel(model)
-    attention = SequenceParallelAttention(pg, model.attention)
+    attention = kind(pg, model.attention)
     model.attention = attention
     model.forward = ShardedForward(model, attention, model.__dict__.get("forward"))
     return model

@@ -287,14 +287,15 @@ class FluxPipeline:
     # ------------------------------------------------------------------------------------------------------------
     # several processes for one image (rectiflux.parallel)
 
-    def enable_sequence_parallel(self, group: Any = None) -> None:
+    def enable_sequence_parallel(self, group: Any = None, backend: str = "ulysses") -> None:
         """Split the transformer's tokens over the processes of `group` (a ProcessGroup or a 1-D DeviceMesh; None:
-        the default group, which torch.distributed must have initialised): Ulysses sequence parallelism. Every
-        process makes the same call and gets the same images; without a seed or generator the first process draws
-        the seed for all of them. A head count the group's size does not divide is refused."""
+        the default group, which torch.distributed must have initialised): sequence parallelism, its attention
+        done by `backend`, "ulysses" (all-to-alls; a head count the group's size does not divide is refused) or
+        "ring" (ring attention, any head count). Every process makes the same call and gets the same images;
+        without a seed or generator the first process draws the seed for all of them."""
         from ..parallel import sequence_parallel
 
-        sequence_parallel(self.transformer, group)
+        sequence_parallel(self.transformer, group, backend)
 
     def disable_sequence_parallel(self) -> None:
         """Run the whole transformer in this process again."""

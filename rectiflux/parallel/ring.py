@@ -102,20 +102,12 @@ class RingAttention(SequenceParallelAttention):
 
     def masks(self, plan: Plan, device: torch.device) -> Tensor:
         """(world, local_len): `key_mask` of every rank's shard."""
-        key = (plan, device)
-        if key not in self._masks:
-            if len(self._masks) > 8:
-                self._masks.clear()
-            self._masks[key] = torch.stack([key_mask(plan, r, device) for r in range(plan.world)])
-        return self._masks[key]
+        return self.cached(self._masks, plan, device,
+                           lambda: torch.stack([key_mask(plan, r, device) for r in range(plan.world)]))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         # `dtype` (a lower precision for the inner kernel) is not used: the blocks are computed in float32
-        plan = self.plan
-        if plan is None:
-            raise RuntimeError("sequence-parallel attention runs only inside the model's sharded forward")
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            raise RuntimeError("sequence parallelism is for inference: its collectives carry no gradients")
+        plan = self.current_plan(q, k, v)
         b, n, h, d = q.shape
         masks = self.masks(plan, q.device)
         qh = q.transpose(1, 2)  # (B, H, L, D)

@@ -236,20 +236,30 @@ class SequenceParallelAttention:
         self.sent = 0
         self._orders: dict[tuple[Plan, torch.device], Tensor] = {}
 
-    def order(self, plan: Plan, device: torch.device) -> Tensor:
+    @staticmethod
+    def cached(cache: dict, plan: Plan, device: torch.device, make) -> Tensor:
+        """What `make()` builds for this plan and device, kept: one or two sequence lengths per generation."""
         key = (plan, device)
-        if key not in self._orders:
-            if len(self._orders) > 8:  # one or two sequence lengths per generation
-                self._orders.clear()
-            self._orders[key] = exchanged_order(plan.n_txt, plan.n_img, plan.world).to(device)
-        return self._orders[key]
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = make()
+        return cache[key]
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        plan = self.plan
-        if plan is None:
+    def order(self, plan: Plan, device: torch.device) -> Tensor:
+        return self.cached(self._orders, plan, device,
+                           lambda: exchanged_order(plan.n_txt, plan.n_img, plan.world).to(device))
+
+    def current_plan(self, q: Tensor, k: Tensor, v: Tensor) -> Plan:
+        """The plan of the forward this call is inside; refused outside one, or when gradients are recorded."""
+        if self.plan is None:
             raise RuntimeError("sequence-parallel attention runs only inside the model's sharded forward")
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise RuntimeError("sequence parallelism is for inference: its collectives carry no gradients")
+        return self.plan
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        plan = self.current_plan(q, k, v)
         order = self.order(plan, q.device)
         send = qkv_to_heads(q, k, v, self.world)
         q, k, v = heads_to_joint(all_to_all(send, self.group), order)

@@ -67,7 +67,10 @@ def test_lines_seeds_bad_lines_and_resume(tmp_path, capsys):
     # re-running makes nothing again; a lost image is made again alone
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     (out / "line-00004.png").unlink()
+    for stale in (".line-00004.png.x1.tmp", ".manifest.jsonl.x2.tmp"):  # what a killed run leaves
+        (out / stale).write_bytes(b"half")
     assert cli.main(["batch", str(tmp_path / "p.txt"), "--out", str(out), "--seed", "100"]) == 1
+    assert not list(out.glob(".*.tmp"))
     assert "made 1 image " in capsys.readouterr().out
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert {k for k in after if after[k] != before.get(k)} == {"line-00004.png"}

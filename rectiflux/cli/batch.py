@@ -256,8 +256,9 @@ def run_batch(args: argparse.Namespace) -> int:
     args.out = str(out.absolute())  # Ray's workers may start elsewhere
     rank, world = init_distributed()
     if rank == 0:  # what a killed run was writing (atomic writes leave only these behind)
-        for stale in out.glob(".line-*.png.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for pattern in (".line-*.png.*.tmp", ".manifest*.jsonl.*.tmp"):
+            for stale in out.glob(pattern):
+                stale.unlink(missing_ok=True)
     if world > 1:
         import torch.distributed as dist
 

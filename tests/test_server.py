@@ -129,12 +129,20 @@ def test_settings_are_checked_like_the_command_line():
         [{"name": "a", "scale": -0.5}]
 
 
+def test_the_documented_job_schema_is_the_checked_one():
+    from rectiflux.server.app import JobSettings
+    from rectiflux.server.settings import FIELDS
+
+    assert set(JobSettings.model_fields) == set(FIELDS)
+
+
 def test_predicted_clean_latents_follow_the_straight_path():
     g = torch.Generator().manual_seed(0)
     clean, noise = torch.randn(1, 4, 64, generator=g), torch.randn(1, 4, 64, generator=g)
     at = lambda s: (1 - s) * clean + s * noise  # noqa: E731  rectified flow's path
     torch.testing.assert_close(preview.predicted_clean(at(0.5), at(0.8), 0.8, 0.5), clean)
-    assert preview.predicted_clean(at(0.5), None, None, None) is not None
+    x = at(0.5)
+    assert preview.predicted_clean(x, None, None, None) is x  # no step to read the velocity off: x itself
 
 
 def test_preview_of_the_last_latents_looks_like_the_image(served):

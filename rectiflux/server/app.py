@@ -67,6 +67,7 @@ class JobSettings(BaseModel):
     image: str | None = None
     mask: str | None = None
     control_image: str | None = None
+    keep_reference_size: bool | None = None
     loras: list[dict[str, Any]] | None = None
 
 

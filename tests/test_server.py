@@ -151,10 +151,12 @@ def test_preview_of_the_last_latents_looks_like_the_image(served):
     pipe, projection = served[1].pipe, served[1].projection
     latents = pipe(PROMPT, seed=1, output_type="latent").images
     image = np.asarray(pipe(PROMPT, seed=1).images[0], dtype=float)
-    shown = preview.latents_to_rgb(unpack_latents(latents, 8, 8)[0], projection).astype(float)
-    pooled = image.reshape(8, 8, 8, 8, 3).mean((1, 3))  # the image at the latent grid's resolution
+    f = pipe.vae_scale_factor
+    side, k = 64 // f, 64 // f // 8  # the latent grid, and its cells per eighth of the image
+    shown = preview.latents_to_rgb(unpack_latents(latents, side, side)[0], projection).astype(float)
+    pooled = image.reshape(side, f, side, f, 3).mean((1, 3))  # the image at the latent grid's resolution
     assert np.abs(shown - pooled).mean() < 0.5 * np.abs(pooled - pooled.mean((0, 1))).mean()
-    left, right = shown[2:6, 1:3].mean((0, 1)), shown[:, 6:].mean((0, 1))
+    left, right = shown[2 * k:6 * k, k:3 * k].mean((0, 1)), shown[:, 6 * k:].mean((0, 1))
     assert left[0] - left[1] > 60 and right.min() > 150  # a red disc on the left, white on the right
 
 

@@ -1,29 +1,111 @@
 """The shapes world: renders follow the spec, captions name what is drawn, and the checker reads clean renders."""
 
+import itertools
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
-from rectiflux.shapes.checker import read_scene, score
+from rectiflux.shapes.checker import (
+    UNREADABLE,
+    box_features,
+    coverage_of,
+    ideal_profile,
+    largest_blob,
+    read_scene,
+    score,
+    shape_distances,
+    shape_iou,
+)
+from rectiflux.shapes.evaluate import IOU_BAR
 from rectiflux.shapes.world import (
     BACKGROUNDS,
     COLORS,
     HELD_OUT,
     POSITIONS,
+    SHAPES,
     Scene,
     all_scenes,
+    drawn_scenes,
     eval_scenes,
     random_caption,
     random_scene,
     render,
 )
 
+# the degradations the checker is shown to read through, on every scene (docs/shapes.md states them):
+# Gaussian noise of this standard deviation per channel (of 255), a Gaussian blur of this radius, and both
+NOISE, BLUR, BOTH = 12.0, 1.2, (8.0, 1.0)
 
-def test_every_scene_reads_back_from_a_jittered_render():
+
+def degrade(image: Image.Image, noise: float, blur: float, rng: random.Random) -> Image.Image:
+    if blur:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    px = np.asarray(image, float)
+    if noise:
+        px = px + np.random.default_rng(rng.randrange(2**31)).normal(0, noise, px.shape)
+    return Image.fromarray(px.clip(0, 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_every_scene_reads_back_from_clean_and_jittered_renders(antialias):
     rng = random.Random(0)
-    failures = [s for s in all_scenes() for _ in range(2) if not score(s, render(s, rng))["all"]]
+    failures = [(s, read_scene(img)) for s in all_scenes()
+                for img in (render(s, antialias=antialias), render(s, rng, antialias=antialias))
+                if not score(s, img)["all"]]
     assert failures == []
+
+
+@pytest.mark.parametrize("noise,blur", [(NOISE, 0.0), (0.0, BLUR), BOTH], ids=["noise", "blur", "both"])
+def test_every_scene_reads_back_through_noise_and_blur(noise, blur):
+    rng = random.Random(1)
+    failures = []
+    for s in all_scenes():
+        img = degrade(render(s, rng), noise, blur, rng)
+        if not score(s, img)["all"]:
+            failures.append((s, read_scene(img)))
+    assert failures == []
+
+
+def test_unreadable_lies_between_degraded_renders_and_the_closest_two_shapes():
+    closest = min(shape_distances(*ideal_profile(a), (b,))[b] for a, b in itertools.combinations(SHAPES, 2))
+    rng, worst = random.Random(2), 0.0
+    for s in all_scenes()[::3]:
+        for noise, blur in [(NOISE, 0.0), (0.0, BLUR), BOTH]:
+            px = np.asarray(degrade(render(s, rng), noise, blur, rng), float)
+            alpha = coverage_of(px, np.array(BACKGROUNDS[s.background], float), np.array(COLORS[s.color], float))
+            _, profile, fill = box_features(alpha, largest_blob(alpha >= 0.5))
+            worst = max(worst, shape_distances(profile, fill, (s.shape,))[s.shape])
+    assert worst < UNREADABLE < closest, (worst, closest)
+
+
+def test_a_stray_speck_does_not_move_the_shape():
+    scene = Scene("white", "blue", "triangle", "small", "left")
+    px = np.asarray(render(scene, random.Random(3))).copy()
+    px[55:58, 55:58] = COLORS["blue"]  # a 3x3 blot far from the shape
+    assert score(scene, px)["all"]
+
+
+def test_shape_iou_is_high_for_the_asked_shape_and_low_for_another():
+    rng = random.Random(4)
+    right, wrong = [], []
+    for s in all_scenes()[::6]:
+        img = render(s, rng)
+        right.append(shape_iou(s, img))
+        wrong.append(max(shape_iou(replace(s, shape=o), img) for o in SHAPES if o != s.shape))
+        if len(right) % 4 == 0:  # and through the stated degradations
+            right.append(shape_iou(s, degrade(img, *BOTH, rng)))
+    assert min(right) >= 0.85 and np.median(right) >= 0.97, (min(right), np.median(right))
+    assert max(wrong) < 0.9 and np.median(wrong) < IOU_BAR, (max(wrong), np.median(wrong))  # the best wrong one
+
+
+def test_drawn_prompt_sets_are_balanced_fresh_and_repeatable():
+    scenes = drawn_scenes(7, 4)
+    assert scenes == drawn_scenes(7, 4) and scenes != drawn_scenes(8, 4) and len(scenes) == 24 * 4
+    assert {(s.color, s.shape) for s in scenes} == set(itertools.product(COLORS, SHAPES))  # held out included
+    assert sum(s.size == "small" for s in scenes) == len(scenes) // 2
 
 
 def test_render_follows_the_spec():

@@ -1,5 +1,6 @@
 """The embedded shapes model: it ships, diffusers reads it and agrees, it draws what it is asked, fast."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,22 @@ def test_first_readme_command_makes_an_image(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (64, 64) and Path(out).stat().st_size > 0
+
+
+def test_eval_prints_every_figure_and_draws_the_contact_sheet(tmp_path):
+    sheet, figures = tmp_path / "sheet.png", tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, "-m", "rectiflux", "eval", "shapes", "--per-pair", "1", "--draw", "11",
+                             "--speed", "--contact-sheet", str(sheet), "--json", str(figures)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "24 prompts drawn with --draw 11" in out
+    for row in ("seen small", "seen large", "held_out small", "held_out large"):
+        assert any(line.startswith(row) for line in out.splitlines()), out
+    for header in ("background", "color", "shape", "size", "position", "all", "IoU med", ">=0.8"):
+        assert header in out.splitlines()[1]
+    assert "autoencoder PSNR" in out and "one image at the default settings" in out and "on disk:" in out
+    data = json.loads(figures.read_text())
+    assert data["draw"] == 11 and data["fidelity"]["held_out"]["n"] == 4 and data["megabytes"] < 40
+    with Image.open(sheet) as im:  # 24 images: two rows of twelve, each with its verdict under it
+        assert im.size[0] == 12 * (64 * 2 + 8) and im.size[1] == 2 * (64 * 2 + 44 + 6)

@@ -77,16 +77,23 @@ def add_parsers(commands) -> None:
     debug_option(p)
 
     p = commands.add_parser("eval", help="measure a shapes-world model against its prompts",
-                            description="Render a fixed prompt set with fixed seeds, check every image against its "
-                                        "prompt, and print accuracy per attribute for seen and held-out pairs.")
+                            description="Draw a fresh prompt set (every color-shape pair, held-out ones included, "
+                                        "half small and half large) and a seed per prompt, render each canonical "
+                                        "caption, read every image back with the world's checker, and print "
+                                        "accuracy per attribute and the shape IoU for seen and held-out pairs, "
+                                        "small and large apart.")
     p.add_argument("model", nargs="?", default="shapes", help="the model (default: the embedded shapes model)")
-    p.add_argument("--per-pair", type=whole_type("--per-pair"), default=5,
-                   help="prompts per color-shape pair (default 5: 120 prompts)")
-    p.add_argument("--seed", type=seed_type, default=0, help="first seed (prompt i uses seed + i)")
+    p.add_argument("--per-pair", type=whole_type("--per-pair"), default=10,
+                   help="prompts per color-shape pair (default 10: 240 prompts)")
+    p.add_argument("--draw", type=seed_type, help="seed of the prompt set and its image seeds (default: drawn "
+                                                  "now and printed, so the run can be repeated)")
     p.add_argument("--steps", type=steps_type, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=guidance_type, help="guidance scale (default: the model's)")
-    p.add_argument("--speed", action="store_true", help="also time one image and measure autoencoder PSNR")
+    p.add_argument("--speed", action="store_true", help="also time one image, measure autoencoder PSNR and the "
+                                                        "model's size on disk")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--contact-sheet", metavar="PNG", help="also write the first four images of every pair (96) "
+                                                         "with the checker's verdict under each")
     debug_option(p)
 
 
@@ -168,20 +175,48 @@ def run_train_lora(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import secrets
+
+    from ..files import atomic_write
     from ..pipelines.load import load
-    from ..shapes.evaluate import autoencoder_psnr, format_report, prompt_fidelity, seconds_per_image
-    from ..shapes.world import eval_scenes
+    from ..shapes.evaluate import (
+        autoencoder_psnr,
+        contact_sheet,
+        drawn_seeds,
+        folder_megabytes,
+        format_report,
+        judge,
+        seconds_per_image,
+        summarize,
+    )
+    from ..shapes.world import drawn_scenes
+    from ..weights.sources import model_path
     from .generate import quiet_libraries
 
+    model = model_argument(args.model)
     with quiet_libraries(args.debug):
-        pipe = load(model_argument(args.model))
+        pipe = load(model)
     pipe.set_progress_bar_config(disable=True)
+    draw = args.draw if args.draw is not None else secrets.randbelow(2**31)
+    scenes = drawn_scenes(draw, args.per_pair)
+    print(f"{len(scenes)} prompts drawn with --draw {draw}")
     kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v}
-    fidelity = prompt_fidelity(pipe, eval_scenes(args.per_pair), seed=args.seed, **kwargs)
-    psnr = autoencoder_psnr(pipe) if args.speed else None
-    latency = seconds_per_image(pipe) if args.speed else None
-    print(format_report(fidelity, psnr, latency))
+    judged = judge(pipe, scenes, drawn_seeds(draw, len(scenes)), **kwargs)
+    fidelity = summarize(judged)
+    psnr = latency = megabytes = None
+    if args.speed:
+        psnr, latency = autoencoder_psnr(pipe), seconds_per_image(pipe)
+        folder = model_path(model) or Path(model)
+        megabytes = folder_megabytes(folder) if folder.is_dir() else None
+    print(format_report(fidelity, psnr, latency, megabytes))
+    if args.contact_sheet:
+        first = [j for k, j in enumerate(judged) if k % args.per_pair < 4][:96]
+        with atomic_write(args.contact_sheet) as tmp:
+            contact_sheet(first).save(tmp, format="PNG")
+        print(f"wrote {args.contact_sheet}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"fidelity": fidelity, "autoencoder_psnr_db": psnr,
-                                               "seconds_per_image": latency}, indent=2) + "\n")
+        figures = {"draw": draw, "per_pair": args.per_pair, **kwargs, "fidelity": fidelity,
+                   "autoencoder_psnr_db": psnr, "seconds_per_image": latency, "megabytes": megabytes}
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -1,42 +1,90 @@
-"""Measured quality of a shapes-world model: prompt fidelity per attribute, autoencoder PSNR, and speed."""
+"""Measured quality of a shapes-world model: prompt fidelity per attribute, shape IoU, autoencoder PSNR, speed."""
 
 from __future__ import annotations
 
 import random
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ..images import psnr
 from ..pipelines.flux import FluxPipeline
-from .checker import score
-from .world import ATTRIBUTES, HELD_OUT, Scene, eval_scenes, random_scene, render
+from .checker import read_scene, shape_iou
+from .world import ATTRIBUTES, HELD_OUT, SHAPES, Scene, eval_scenes, random_scene, render
+
+IOU_BAR = 0.80  # the share of images whose shape IoU reaches this is reported beside the median
+
+
+@dataclass
+class Judged:
+    """One generated image, what the checker read in it, and its shape IoU against the ideal render."""
+    scene: Scene
+    seed: int
+    image: np.ndarray
+    found: dict[str, str | None]
+    iou: float
+
+    @property
+    def right(self) -> dict[str, bool]:
+        result = {a: self.found[a] == getattr(self.scene, a) for a in ATTRIBUTES}
+        return {**result, "all": all(result.values())}
+
+    @property
+    def held_out(self) -> bool:
+        return (self.scene.color, self.scene.shape) in HELD_OUT
 
 
 @torch.no_grad()
-def prompt_fidelity(pipe: FluxPipeline, scenes: list[Scene] | None = None, seed: int = 0, batch: int = 8,
-                    shapes: tuple[str, ...] | None = None, **kwargs) -> dict:
-    """Render each scene's canonical caption with a fixed seed per prompt and check the image against it.
-
-    Returns accuracy per attribute and for all attributes at once, for seen and held-out color-shape pairs.
-    """
-    scenes = scenes if scenes is not None else eval_scenes()
-    results: dict[str, list[dict[str, bool]]] = {"seen": [], "held_out": []}
+def judge(pipe: FluxPipeline, scenes: list[Scene], seeds: list[int], batch: int = 8,
+          shapes: tuple[str, ...] = SHAPES, **kwargs) -> list[Judged]:
+    """Render each scene's canonical caption with its seed and read the image back."""
+    judged = []
     for start in range(0, len(scenes), batch):
-        chunk = scenes[start:start + batch]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        chunk, chunk_seeds = scenes[start:start + batch], seeds[start:start + batch]
+        generators = [torch.Generator().manual_seed(s) for s in chunk_seeds]
         images = pipe([s.caption() for s in chunk], generator=generators, output_type="np", **kwargs).images
-        for scene, image in zip(chunk, images, strict=True):
-            group = "held_out" if (scene.color, scene.shape) in HELD_OUT else "seen"
-            results[group].append(score(scene, image, shapes) if shapes else score(scene, image))
+        for scene, seed, image in zip(chunk, chunk_seeds, images, strict=True):
+            pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+            judged.append(Judged(scene, seed, pixels, read_scene(pixels, shapes), shape_iou(scene, pixels)))
+    return judged
+
+
+def summarize(judged: list[Judged]) -> dict[str, dict[str, float]]:
+    """Accuracy per attribute and of all at once, the median shape IoU and the share at IOU_BAR or above, for
+    seen and held-out color-shape pairs, each also split by size."""
+    groups: dict[str, list[Judged]] = {}
+    for j in judged:
+        pairs = "held_out" if j.held_out else "seen"
+        groups.setdefault(pairs, []).append(j)
+        groups.setdefault(f"{pairs} {j.scene.size}", []).append(j)
     report = {}
-    for group, rows in results.items():
-        if rows:
-            report[group] = {a: float(np.mean([r[a] for r in rows])) for a in (*ATTRIBUTES, "all")}
-            report[group]["n"] = len(rows)
+    for name in ("seen", "seen small", "seen large", "held_out", "held_out small", "held_out large"):
+        rows = groups.get(name)
+        if not rows:
+            continue
+        acc = {a: float(np.mean([j.right[a] for j in rows])) for a in (*ATTRIBUTES, "all")}
+        ious = [j.iou for j in rows]
+        report[name] = {**acc, "iou_median": float(np.median(ious)),
+                        "iou_share_at_bar": float(np.mean([i >= IOU_BAR for i in ious])), "n": len(rows)}
     return report
+
+
+def prompt_fidelity(pipe: FluxPipeline, scenes: list[Scene] | None = None, seed: int = 0, batch: int = 8,
+                    shapes: tuple[str, ...] = SHAPES, **kwargs) -> dict:
+    """`summarize` of the scenes rendered with seeds seed, seed + 1, ... (default: the fixed `eval_scenes()`)."""
+    scenes = scenes if scenes is not None else eval_scenes()
+    return summarize(judge(pipe, scenes, [seed + i for i in range(len(scenes))], batch, shapes, **kwargs))
+
+
+def drawn_seeds(draw: int, count: int) -> list[int]:
+    """One image seed per prompt, drawn from the prompt set's seed."""
+    rng = random.Random(draw * 7919 + 1)
+    return [rng.randrange(2**31) for _ in range(count)]
 
 
 @torch.no_grad()
@@ -63,12 +111,50 @@ def seconds_per_image(pipe: FluxPipeline, repeats: int = 5, prompt: str = "a lar
     return statistics.median(times)
 
 
-def format_report(fidelity: dict, psnr: float | None = None, latency: float | None = None) -> str:
-    lines = [f"{'pairs':<10}" + "".join(f"{a:>12}" for a in (*ATTRIBUTES, "all")) + f"{'n':>6}"]
+def folder_megabytes(folder: str | Path) -> float:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20
+
+
+def format_report(fidelity: dict, psnr: float | None = None, latency: float | None = None,
+                  megabytes: float | None = None) -> str:
+    columns = (*ATTRIBUTES, "all")
+    lines = [f"{'pairs':<15}" + "".join(f"{a:>11}" for a in columns) + f"{'IoU med':>9}{'>=' + str(IOU_BAR):>8}"
+             + f"{'n':>5}"]
     for group, acc in fidelity.items():
-        lines.append(f"{group:<10}" + "".join(f"{acc[a]:>12.1%}" for a in (*ATTRIBUTES, "all")) + f"{acc['n']:>6}")
+        lines.append(f"{group:<15}" + "".join(f"{acc[a]:>11.1%}" for a in columns)
+                     + f"{acc['iou_median']:>9.3f}{acc['iou_share_at_bar']:>8.1%}{acc['n']:>5}")
     if psnr is not None:
         lines.append(f"autoencoder PSNR on fresh images: {psnr:.1f} dB")
     if latency is not None:
         lines.append(f"one image at the default settings: {latency:.3f} s")
+    if megabytes is not None:
+        lines.append(f"on disk: {megabytes:.1f} MB")
     return "\n".join(lines)
+
+
+SHORT = {"center": "centre", "left": "left", "right": "right", "top": "top", "bottom": "bottom"}
+
+
+def contact_sheet(judged: list[Judged], columns: int = 12, scale: int = 2) -> Image.Image:
+    """The images in a grid, each with its prompt and the checker's verdict under it: `ok` or what was read
+    instead, and the shape IoU; held-out pairs are marked `(held out)`."""
+    font = ImageFont.load_default(size=11)
+    cell_w, image_side, text_h = 64 * scale + 8, 64 * scale, 44
+    rows = (len(judged) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, rows * (image_side + text_h + 6)), (250, 250, 250))
+    draw = ImageDraw.Draw(sheet)
+    for k, j in enumerate(judged):
+        x, y = (k % columns) * cell_w + 4, (k // columns) * (image_side + text_h + 6) + 4
+        sheet.paste(Image.fromarray(j.image).resize((image_side, image_side), Image.NEAREST), (x, y))
+        s = j.scene
+        lines = [f"{s.size} {s.color} {s.shape}", f"{SHORT[s.position]}, {s.background}"
+                 + (" (held out)" if j.held_out else "")]
+        wrong = [f"{a}: {j.found[a]}" for a in ATTRIBUTES if not j.right[a]]
+        verdict = ("ok" if not wrong else "; ".join(wrong)) + f"  IoU {j.iou:.2f}"
+        colour = (20, 120, 40) if not wrong else (190, 30, 30)
+        ty = y + image_side + 2
+        for line in lines:
+            draw.text((x, ty), line, fill=(40, 40, 40), font=font)
+            ty += 13
+        draw.text((x, ty), verdict, fill=colour, font=font)
+    return sheet

@@ -18,6 +18,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (140, 60, 190), "orange": (240, 130, 30)}
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 16, "large": 32}
+SIZE_JITTER, POSITION_JITTER = 2.0, 3.0  # px, at most
 POSITIONS = {"center": (32, 32), "left": (20, 32), "right": (44, 32), "top": (32, 20), "bottom": (32, 44)}
 POSITION_WORDS = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top",
                   "bottom": "at the bottom"}
@@ -84,41 +85,59 @@ def random_caption(scene: Scene, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # drawing
 
-def _coverage(shape: str, cx: float, cy: float, s: float, supersample: int = 4) -> np.ndarray:
-    """Fraction of each pixel inside the shape, by supersampling (anti-aliased edges)."""
+def inside_shape(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, s: float) -> np.ndarray:
+    """Whether each point (x, y) lies inside the shape whose s x s box is centred at (cx, cy)."""
+    dx, dy, half = x - cx, y - cy, s / 2
+    if shape == "circle":
+        return dx**2 + dy**2 <= half**2
+    if shape == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "triangle":  # apex at the top middle, base along the bottom of the box
+        t = (dy + half) / s  # 0 at the top, 1 at the bottom
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= half * t)
+    if shape == "cross":
+        arm = s / 6
+        in_box = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+        return in_box & ((np.abs(dx) <= arm) | (np.abs(dy) <= arm))
+    if shape == "diamond":  # not of the world: the square turned 45 degrees, corners at the box's side middles
+        return np.abs(dx) + np.abs(dy) <= half
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def coverage(shape: str, cx: float, cy: float, s: float, supersample: int = 4) -> np.ndarray:
+    """Fraction of each pixel inside the shape, from supersample x supersample points per pixel (1: the
+    pixel's centre only, an aliased render)."""
     n = SIZE * supersample
     coords = (np.arange(n) + 0.5) / supersample
     x, y = np.meshgrid(coords, coords)
-    dx, dy, half = x - cx, y - cy, s / 2
-    if shape == "circle":
-        inside = dx**2 + dy**2 <= half**2
-    elif shape == "square":
-        inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    elif shape == "triangle":  # apex at the top middle, base along the bottom of the box
-        t = (dy + half) / s  # 0 at the top, 1 at the bottom
-        inside = (t >= 0) & (t <= 1) & (np.abs(dx) <= half * t)
-    elif shape == "cross":
-        arm = s / 6
-        in_box = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-        inside = in_box & ((np.abs(dx) <= arm) | (np.abs(dy) <= arm))
-    elif shape == "diamond":  # not of the world: the square turned 45 degrees, corners at the box's side middles
-        inside = np.abs(dx) + np.abs(dy) <= half
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+    inside = inside_shape(shape, x, y, cx, cy, s)
     return inside.reshape(SIZE, supersample, SIZE, supersample).mean(axis=(1, 3))
 
 
-def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
+def render(scene: Scene, rng: random.Random | None = None, antialias: bool = True) -> Image.Image:
     """Draw a scene; with `rng`, size and position get the world's jitter (2 px and 3 px at most)."""
     cx, cy = POSITIONS[scene.position]
     s = SIZES[scene.size]
     if rng is not None:
-        s += rng.uniform(-2, 2)
-        cx, cy = cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3)
-    alpha = _coverage(scene.shape, cx, cy, s)[..., None]
+        s += rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+        cx, cy = cx + rng.uniform(-POSITION_JITTER, POSITION_JITTER), cy + rng.uniform(-POSITION_JITTER,
+                                                                                         POSITION_JITTER)
+    alpha = coverage(scene.shape, cx, cy, s, 4 if antialias else 1)[..., None]
     bg, fg = np.array(BACKGROUNDS[scene.background], float), np.array(COLORS[scene.color], float)
     pixels = alpha * fg + (1 - alpha) * bg
     return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def drawn_scenes(seed: int, per_pair: int) -> list[Scene]:
+    """A fresh prompt set drawn from `seed`: every color-shape pair `per_pair` times (held-out pairs included),
+    each with a random background and position, half of them small and half large (odd counts alternate)."""
+    rng = random.Random(seed)
+    scenes = []
+    for i, (color, shape) in enumerate(itertools.product(COLORS, SHAPES)):
+        for j in range(per_pair):
+            size = list(SIZES)[(i + j) % 2]
+            scenes.append(Scene(rng.choice(list(BACKGROUNDS)), color, shape, size, rng.choice(list(POSITIONS))))
+    return scenes
 
 
 def eval_scenes(per_pair: int = 5, held_out: bool | None = None) -> list[Scene]:

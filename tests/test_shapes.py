@@ -24,6 +24,7 @@ from rectiflux.shapes.world import (
     BACKGROUNDS,
     COLORS,
     HELD_OUT,
+    NEW_SHAPES,
     POSITIONS,
     SHAPES,
     Scene,
@@ -152,3 +153,13 @@ def test_eval_set_covers_every_value_and_is_fixed():
     assert {(s.color, s.shape) for s in eval_scenes(1, held_out=True)} == HELD_OUT
     assert Scene("gray", "red", "cross", "small", "top").caption() == \
         "a small red cross at the top on a gray background"
+
+
+def test_the_diamond_outside_the_world_reads_back_on_almost_every_render():
+    # the LoRA demonstration's shape, read with the same rule: small aliased ones can lose their four thin tips
+    # and read as crosses, its closest shape
+    rng, shapes = random.Random(5), SHAPES + NEW_SHAPES
+    renders = [(d, img) for s in all_scenes() if s.shape == "circle" for d in [replace(s, shape="diamond")]
+               for img in (render(d), render(d, rng), render(d, rng, antialias=False))]
+    right = [score(d, img, shapes)["all"] for d, img in renders]
+    assert len(right) == 540 and np.mean(right) >= 0.97, np.mean(right)

@@ -58,19 +58,24 @@ def ideal_profile(shape: str) -> tuple[np.ndarray, float]:
     return width_profile(box.mean(axis=1)), float(box.mean())
 
 
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in all eight directions."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= out[:, :-1].copy()
+    out[:, :-1] |= out[:, 1:].copy()
+    return out
+
+
 def largest_blob(mask: np.ndarray) -> np.ndarray:
     """The 8-connected region of `mask` with the most pixels (stray specks elsewhere are not the shape)."""
     remaining, best = mask.copy(), np.zeros_like(mask)
     while remaining.any():
         region = np.zeros_like(mask)
         region.flat[np.flatnonzero(remaining)[0]] = True
-        while True:  # grow by one pixel in all eight directions, within the mask, until it stops
-            grown = region.copy()
-            grown[1:] |= region[:-1]
-            grown[:-1] |= region[1:]
-            grown[:, 1:] |= grown[:, :-1].copy()
-            grown[:, :-1] |= grown[:, 1:].copy()
-            grown &= remaining
+        while True:  # grow within the mask until it stops
+            grown = _dilate(region) & remaining
             if (grown == region).all():
                 break
             region = grown
@@ -78,15 +83,6 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
         if region.sum() > best.sum():
             best = region
     return best
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    out = mask.copy()
-    out[1:] |= mask[:-1]
-    out[:-1] |= mask[1:]
-    out[:, 1:] |= out[:, :-1].copy()
-    out[:, :-1] |= out[:, 1:].copy()
-    return out
 
 
 UPSAMPLE = 4  # the coverage is read at a quarter pixel: a box off by a pixel would move a 16 px shape's fill by 1/8
@@ -184,7 +180,11 @@ def coverage_of(px: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarray:
 
 def score(scene: Scene, image: Image.Image | np.ndarray, shapes: tuple[str, ...] = SHAPES) -> dict[str, bool]:
     """Per attribute, whether the image shows what the scene asks; plus `all`. `shapes` are those it may read."""
-    found = read_scene(image, shapes)
+    return compare(scene, read_scene(image, shapes))
+
+
+def compare(scene: Scene, found: dict[str, str | None]) -> dict[str, bool]:
+    """Per attribute, whether what was read is what the scene asks; plus `all`."""
     want = asdict(scene)
     result = {a: found[a] == want[a] for a in ATTRIBUTES}
     result["all"] = all(result.values())

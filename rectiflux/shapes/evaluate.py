@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..images import psnr
 from ..pipelines.flux import FluxPipeline
-from .checker import read_scene, shape_iou
+from .checker import compare, read_scene, shape_iou
 from .world import ATTRIBUTES, HELD_OUT, SHAPES, Scene, eval_scenes, random_scene, render
 
 IOU_BAR = 0.80  # the share of images whose shape IoU reaches this is reported beside the median
@@ -31,8 +31,7 @@ class Judged:
 
     @property
     def right(self) -> dict[str, bool]:
-        result = {a: self.found[a] == getattr(self.scene, a) for a in ATTRIBUTES}
-        return {**result, "all": all(result.values())}
+        return compare(self.scene, self.found)
 
     @property
     def held_out(self) -> bool:

@@ -6,17 +6,20 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from rectiflux.flux.autoencoder import AutoEncoder, AutoEncoderConfig
 from rectiflux.flux.config import FluxConfig
 from rectiflux.flux.transformer import Flux
+from rectiflux.shapes.world import POSITIONS, SIZES, Scene, all_scenes, render
 from rectiflux.training.trainer import (
     LatentBank,
     TrainConfig,
     Trainer,
     flow_pair,
+    foreground_tokens,
     guided_target,
     kl_divergence,
     sample_t,
@@ -119,6 +122,41 @@ def test_latent_bank_matches_the_autoencoder():
     assert bank.scenes == scenes
     with torch.no_grad():
         assert torch.allclose(bank.mean, ae.encode(pixels).mean, atol=1e-6)
+
+
+def test_shape_tokens_are_the_patches_under_the_shape():
+    # a 64x64 image is 4x4 tokens of 16x16 pixels; the tokens marked are those the shape's box overlaps (a
+    # circle's or cross's box corners are background, so a box corner may leave a token unmarked)
+    for scene in all_scenes()[::7]:
+        pixels = torch.from_numpy(np.asarray(render(scene), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        marked = set(foreground_tokens(pixels, 4)[0].nonzero()[:, 0].tolist())
+        (cx, cy), half = POSITIONS[scene.position], SIZES[scene.size] / 2
+        boxed = {row * 4 + col for row in range(4) for col in range(4)
+                 if col * 16 < cx + half and cx - half < col * 16 + 16
+                 and row * 16 < cy + half and cy - half < row * 16 + 16}
+        centre = int(cy // 16) * 4 + int(cx // 16)
+        assert centre in marked and marked <= boxed, (scene, marked, boxed)
+    small_left = torch.from_numpy(np.asarray(render(Scene("gray", "red", "square", "small", "left")),
+                                             dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    assert foreground_tokens(small_left, 4)[0].nonzero()[:, 0].tolist() == [4, 5, 8, 9]  # x 12..28, y 24..40
+
+
+def test_flux_loss_weights_the_shape_tokens(tmp_path):
+    trainer = flux_trainer(tmp_path, 1)
+    mean, std, captions, shape_tokens = trainer.bank.batch(0, 0, 4)
+    assert shape_tokens.shape == (4, 16) and shape_tokens.any(1).all() and not shape_tokens.all(1).any()
+    state = trainer.generator.get_state()
+    plain, _ = trainer.flux_loss(mean, std, captions, shape_tokens)
+    trainer.cfg.foreground_weight = 9.0
+    trainer.generator.set_state(state)
+    weighted, _ = trainer.flux_loss(mean, std, captions, shape_tokens)
+    assert not torch.isclose(plain, weighted)
+    # the weighted loss is the mean of per-token errors with weight 10 on the shape's tokens, 1 elsewhere: it
+    # lies between the plain mean and the shape tokens' own mean
+    trainer.cfg.foreground_weight = 1e6
+    trainer.generator.set_state(state)
+    shape_mean, _ = trainer.flux_loss(mean, std, captions, shape_tokens)
+    assert min(plain, shape_mean) < weighted < max(plain, shape_mean)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

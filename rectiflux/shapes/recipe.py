@@ -37,8 +37,9 @@ SHAPES_STAGES = {
     "ae": TrainConfig(stage="ae", steps=5000, batch_size=8, lr=1e-3, warmup=100, ema_decay=0.995,
                       kl_weight=1e-6, foreground_weight=10.0, preview_weight=1.0, checkpoint_every=500,
                       log_every=50),
-    "flux": TrainConfig(stage="flux", steps=5000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.998,
-                        distill_steps=1000, guidance_max=7.0, checkpoint_every=250, sample_every=1000),
+    "flux": TrainConfig(stage="flux", steps=10000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.998,
+                        distill_steps=1500, guidance_max=7.0, foreground_weight=4.0, checkpoint_every=250,
+                        sample_every=1000),
 }
 
 

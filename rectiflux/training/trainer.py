@@ -66,7 +66,7 @@ class TrainConfig:
     # autoencoder
     kl_weight: float = 1e-6
     initial_logvar: float = -8.0
-    foreground_weight: float = 0.0
+    foreground_weight: float = 0.0  # the shape's pixels (autoencoder) or image tokens (transformer) weigh 1 + this
     preview_weight: float = 0.0
     gradient_weight: float = 0.0  # optional edge term (L1 on image gradients), a cheap perceptual loss
     # machinery
@@ -100,29 +100,44 @@ def shapes_batch(seed: int, start: int, count: int) -> tuple[Tensor, list[Scene]
     return pixels, scenes, captions
 
 
+def foreground(pixels: Tensor) -> Tensor:
+    """(B, 1, H, W) mask of the pixels that differ from the background (the median of the border)."""
+    border = torch.cat([pixels[..., 0, :], pixels[..., -1, :], pixels[..., :, 0], pixels[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return (pixels - background).abs().amax(1, keepdim=True) > 0.05
+
+
+def foreground_tokens(pixels: Tensor, tokens_per_side: int) -> Tensor:
+    """(B, tokens) mask of the packed image tokens whose patch holds any of the shape, in `pack_latents`' order."""
+    patch = pixels.shape[-1] // tokens_per_side
+    return F.max_pool2d(foreground(pixels).float(), patch).flatten(1) > 0
+
+
 class LatentBank:
     """A fixed set of shapes images encoded once by the frozen autoencoder.
 
     Encoding costs more than a step of the small transformer, so the flux stage draws from this bank (sample i
     uses image i mod size) and only the caption wording and the posterior sample are drawn afresh each time.
+    Each image also keeps which of its tokens hold the shape, for the loss weighting.
     """
 
     def __init__(self, autoencoder: AutoEncoder, seed: int, size: int, chunk: int = 256):
-        means, stds, self.scenes = [], [], []
+        means, stds, masks, self.scenes = [], [], [], []
         with torch.no_grad():
             for start in range(0, size, chunk):
                 pixels, scenes, _ = shapes_batch(seed + 1, start, min(chunk, size - start))
                 posterior = autoencoder.encode(pixels.to(next(autoencoder.parameters()).device))
                 means.append(posterior.mean.cpu())
                 stds.append(posterior.std.cpu())
+                masks.append(foreground_tokens(pixels, posterior.mean.shape[-1] // 2))
                 self.scenes += scenes
-        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.mean, self.std, self.shape_tokens = torch.cat(means), torch.cat(stds), torch.cat(masks)
 
-    def batch(self, seed: int, start: int, count: int) -> tuple[Tensor, Tensor, list[str]]:
+    def batch(self, seed: int, start: int, count: int) -> tuple[Tensor, Tensor, list[str], Tensor]:
         index = [(start + k) % len(self.scenes) for k in range(count)]
         captions = [random_caption(self.scenes[j], random.Random(seed * 1_000_003 + start + k))
                     for k, j in enumerate(index)]
-        return self.mean[index], self.std[index], captions
+        return self.mean[index], self.std[index], captions, self.shape_tokens[index]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,9 +270,7 @@ class Trainer:
         recon, mean, logvar = self.ddp(pixels, self.generator)
         # weight the shape's pixels up: the flat background is learned in a few steps, and then its thousands
         # of easy pixels would drown the few hundred that carry the shape's color and edges
-        border = torch.cat([pixels[..., 0, :], pixels[..., -1, :], pixels[..., :, 0], pixels[..., :, -1]], dim=-1)
-        background = border.median(dim=-1).values[..., None, None]
-        weight = 1 + self.cfg.foreground_weight * ((pixels - background).abs().amax(1, keepdim=True) > 0.05)
+        weight = 1 + self.cfg.foreground_weight * foreground(pixels)
         err = recon - pixels
         rec = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
         loss = rec + self.cfg.kl_weight * kl_divergence(mean, logvar)
@@ -283,7 +296,8 @@ class Trainer:
         pooled = torch.stack([self._text_cache[c][1] for c in captions]).to(self.device)
         return embeds, pooled
 
-    def flux_loss(self, mean: Tensor, std: Tensor, captions: list[str]) -> tuple[Tensor, dict]:
+    def flux_loss(self, mean: Tensor, std: Tensor, captions: list[str], shape_tokens: Tensor | None = None
+                  ) -> tuple[Tensor, dict]:
         z = mean + std * torch.randn(mean.shape, generator=self.generator)
         x0 = pack_latents(self.autoencoder.scale_latents(z)).to(self.device)
         n, (h, w) = x0.shape[0], mean.shape[-2:]
@@ -311,7 +325,12 @@ class Trainer:
                 target = guided_target(v_cond, v_uncond, guidance)
         pred = self.ddp(img=x_t, img_ids=img_ids, txt=embeds, txt_ids=txt_ids, timesteps=t, y=pooled,
                         guidance=guidance if self.model.config.guidance_embed else None)
-        return F.mse_loss(pred.float(), target.float()), {}
+        if not self.cfg.foreground_weight or shape_tokens is None:
+            return F.mse_loss(pred.float(), target.float()), {}
+        # a small shape is one to four of the 16 tokens: weighted up, its outline is not drowned by the easy
+        # background tokens (the autoencoder's loss does the same for pixels)
+        weight = (1 + self.cfg.foreground_weight * shape_tokens.float()).to(pred.device)[..., None]
+        return (weight * (pred.float() - target.float()).pow(2)).mean() / weight.mean(), {}
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self, sample_fn=None, until: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """The README's commands and `rectiflux --help`'s examples run as written, in order, in a fresh folder.
 
 The family's commands name Hugging Face repos: a Hugging Face cache whose snapshots are tiny random models of each
-kind stands in for the real one, so the lines themselves run unchanged. Only the training recipe (47 minutes here)
+kind stands in for the real one, so the lines themselves run unchanged. Only the training recipe (70 minutes here)
 gets a few step counts appended.
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..images import psnr
+from ..images import postprocess, psnr
 from ..pipelines.flux import FluxPipeline
 from .checker import compare, read_scene, shape_iou
 from .world import ATTRIBUTES, HELD_OUT, SHAPES, Scene, eval_scenes, random_scene, render
@@ -38,6 +38,11 @@ class Judged:
         return (self.scene.color, self.scene.shape) in HELD_OUT
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) floats in [0, 1] (the pipeline's `output_type="np"`) as the 8-bit pixels a PNG would hold."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
 @torch.no_grad()
 def judge(pipe: FluxPipeline, scenes: list[Scene], seeds: list[int], batch: int = 8,
           shapes: tuple[str, ...] = SHAPES, **kwargs) -> list[Judged]:
@@ -47,8 +52,7 @@ def judge(pipe: FluxPipeline, scenes: list[Scene], seeds: list[int], batch: int 
         chunk, chunk_seeds = scenes[start:start + batch], seeds[start:start + batch]
         generators = [torch.Generator().manual_seed(s) for s in chunk_seeds]
         images = pipe([s.caption() for s in chunk], generator=generators, output_type="np", **kwargs).images
-        for scene, seed, image in zip(chunk, chunk_seeds, images, strict=True):
-            pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        for scene, seed, pixels in zip(chunk, chunk_seeds, to_uint8(images), strict=True):
             judged.append(Judged(scene, seed, pixels, read_scene(pixels, shapes), shape_iou(scene, pixels)))
     return judged
 
@@ -99,7 +103,7 @@ def autoencoder_round_trip(pipe: FluxPipeline, n: int = 240, seed: int = 987_654
     ae = pipe.autoencoder
     x = x.to(ae.decoder.conv_in.weight)
     recon = ae.decode(ae.encode(x).mean).float().clamp(-1, 1)
-    pixels = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_uint8(postprocess(recon))  # as the pipeline turns a decoded latent into an image
     right = [compare(scene, read_scene(image))["all"] for scene, image in zip(scenes, pixels, strict=True)]
     ious = [shape_iou(scene, image) for scene, image in zip(scenes, pixels, strict=True)]
     return {"psnr_db": psnr(recon, x.float(), data_range=2.0), "all": float(np.mean(right)),

@@ -439,23 +439,34 @@ def write_report(out: Path, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
-def machine(threads: int, device: str, dtype: str) -> list[str]:
+# the variables that cap the instruction sets torch's libraries use (set to emulate an AVX2-only CPU)
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_features() -> tuple[str, str]:
+    """This CPU's model, and its instruction sets that decide int8 and bfloat16 speed (python -m benchmarks.kernels)
+    with any cap set on those torch may use."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "unknown")
-    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemTotal"))
-    load = Path("/proc/loadavg").read_text().split()[0]
-    # what decides int8 and bfloat16 speed on a CPU (python -m benchmarks.kernels)
     flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), []))
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
            if f in flags]
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    return cpu, (' '.join(isa) or 'no AVX2') + (f" (capped: {' '.join(caps)})" if caps else "")
+
+
+def machine(threads: int, device: str, dtype: str) -> list[str]:
+    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                  if ln.startswith("MemTotal"))
+    load = Path("/proc/loadavg").read_text().split()[0]
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "diffusers", "transformers"))
     try:
         accelerate = f"accelerate {metadata.version('accelerate')} (diffusers loads on the meta device)"
     except metadata.PackageNotFoundError:
         accelerate = "no accelerate (diffusers initialises random weights, then loads: slower, twice the memory)"
+    cpu, isa = cpu_features()
     return [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {mem_kb / 2**20:.1f} GiB RAM; "
-            f"load average at start {load}; {' '.join(isa) or 'no AVX2'}",
+            f"load average at start {load}; {isa}",
             f"- {versions}, Python {sys.version.split()[0]}; {accelerate}",
             f"- threads: {threads} (torch.set_num_threads and OMP_NUM_THREADS), OMP_WAIT_POLICY=PASSIVE; "
             f"{dtype} on {device}, both sides"]

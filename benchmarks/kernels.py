@@ -4,8 +4,9 @@ comments quote for kernel choices.
     python -m benchmarks.kernels
 
 Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`) matrix products at FLUX shapes, the
-weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight, SDPA in float32 and
-bfloat16, and what writing into a fresh large tensor costs against writing into an existing one (page faults).
+weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight, a 3x3 convolution and SDPA
+in float32 and bfloat16, what `dtype="auto"`'s probe chooses and how long it takes, and what writing into a fresh
+large tensor costs against writing into an existing one (page faults).
 """
 
 import time
@@ -13,8 +14,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench import cpu_features
 from rectiflux.quantize import linear as quantize
 from rectiflux.quantize.linear import median_seconds
+from rectiflux.runtime import kernels
 
 
 def ms(fn, repeats: int = 7) -> float:
@@ -52,6 +55,7 @@ def gguf_rates(shape: tuple[int, int]) -> list[tuple[str, float]]:
 
 
 def main() -> None:
+    print("CPU: " + ", ".join(cpu_features()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("matrix products (M x K @ K x N), GFLOP/s:")
     for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
@@ -59,6 +63,14 @@ def main() -> None:
     start = time.perf_counter()
     fast = quantize.int8_matmul_is_fast()
     print(f"int8 speed probe (rectiflux.quantize.int8_matmul_is_fast): {fast}, "
+          f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    x, w = torch.randn(1, 64, 64, 64), torch.randn(64, 64, 3, 3)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    print(f"3x3 convolution, 64 channels on 64 x 64 pixels, ms: float32 {ms(lambda: F.conv2d(x, w, padding=1)):.1f}, "
+          f"bfloat16 {ms(lambda: F.conv2d(xb, wb, padding=1), 3):.1f}")
+    start = time.perf_counter()
+    chosen = {name: str(dtype).removeprefix("torch.") for name, dtype in kernels.fastest_dtypes("cpu", 3072).items()}
+    print(f'dtype="auto" probe at FLUX.1\'s width (rectiflux.runtime.kernels.fastest_dtypes): {chosen}, '
           f"{(time.perf_counter() - start) * 1e3:.0f} ms")
     print("weight-only int8, 9216 x 3072 weight, ms: packed kernel / dequantise + float32 matmul")
     wi, scale = torch.randint(-127, 128, (9216, 3072), dtype=torch.int8), torch.rand(9216)

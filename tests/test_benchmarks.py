@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder of the repository, not part of the package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import step_flops  # noqa: E402
+from benchmarks.bench import cpu_features, step_flops  # noqa: E402
 
 METRICS = ("import (s)", "load (s)", "load + first step (s)", "transformer step (s)", "transformer GFLOP/s",
            "% of GEMM rate", "end-to-end, 2 steps (s/image)", "peak RSS (MiB)")
@@ -92,3 +92,11 @@ def test_server_benchmark_smoke_run_writes_its_page(tmp_path):
     # per step count, 2 images x 2 rounds and a warm-up image through each of the 2 routes
     assert "20 identical pixel for pixel, 0 different" in text
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == [out.name]  # the work folder went
+
+
+def test_an_instruction_set_cap_is_reported_beside_the_cpu(monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    assert "capped" not in cpu_features()[1]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_features()[1].endswith("(capped: ONEDNN_MAX_CPU_ISA=AVX2)")

@@ -22,28 +22,48 @@ def folder(tmp_path_factory):
 @pytest.fixture
 def timings(monkeypatch):
     """Fake kernel times (seconds by dtype), counting the measurements."""
-    calls = []
+    calls, conv_calls = [], []
     times = {"linear": {torch.float32: 1.0, torch.bfloat16: 0.5}, "conv": {torch.float32: 1.0, torch.bfloat16: 1.1}}
     monkeypatch.setattr(kernels, "_chosen", {})
-    monkeypatch.setattr(kernels, "_linear_time", lambda dtype, width: calls.append(width) or times["linear"][dtype])
-    monkeypatch.setattr(kernels, "_conv_time", lambda dtype: times["conv"][dtype])
-    return times, calls
+    monkeypatch.setattr(kernels, "_linear_time",
+                        lambda dtype, width, give_up=None: calls.append(width) or times["linear"][dtype])
+    monkeypatch.setattr(kernels, "_conv_time",
+                        lambda dtype, give_up=None: conv_calls.append(dtype) or times["conv"][dtype])
+    return times, calls, conv_calls
 
 
 def test_the_faster_dtype_is_chosen_per_model_and_measured_once(timings):
-    times, calls = timings
+    times, calls, conv_calls = timings
     assert kernels.fastest_dtypes("cpu", 3072) == {"transformer": torch.bfloat16, "vae": torch.float32,
                                                    "text_encoders": torch.bfloat16}
     assert kernels.fastest_dtypes("cpu", 3072)["transformer"] == torch.bfloat16
     assert calls == [3072, 3072]  # float32 and bfloat16, once
+    times["conv"][torch.bfloat16] = 0.5
+    assert kernels.fastest_dtypes("cpu", 4096)["vae"] == torch.bfloat16
+    times["conv"][torch.bfloat16] = 1.1
+    calls.clear()
     times["linear"][torch.bfloat16] = 0.9  # faster, but not by MARGIN: not worth its rounding
     assert kernels.fastest_dtypes("cpu", 1536)["transformer"] == torch.float32
     times["linear"][torch.bfloat16] = 6.0  # an AVX2-only CPU: bfloat16 6x slower
+    times["conv"][torch.bfloat16] = 0.1  # not believed: where the linear loses, the convolution is not timed
+    conv_calls.clear()
     assert kernels.fastest_dtypes("cpu", 2048) == dict.fromkeys(kernels.COMPONENTS, torch.float32)
+    assert conv_calls == []
     calls.clear()
     times["linear"][torch.bfloat16] = 0.1
     assert kernels.fastest_dtypes("cpu", 128) == dict.fromkeys(kernels.COMPONENTS, torch.float32)  # a tiny model
     assert calls == []
+
+
+def test_a_candidate_far_slower_than_the_bound_stops_being_timed(monkeypatch):
+    calls = []
+    clock = iter(range(100))
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: 10.0 * next(clock))  # every timed call takes 10 s
+    assert kernels._seconds(lambda: calls.append(1), give_up=5.0) == 10.0
+    assert len(calls) == 2  # the untimed set-up call, then the one that gave up
+    calls.clear()
+    assert kernels._seconds(lambda: calls.append(1), repeats=4) == 10.0
+    assert len(calls) == 6  # two warm-up calls and four timed ones
 
 
 def test_the_real_probe_answers_with_float_dtypes():
@@ -60,7 +80,7 @@ def test_auto_loads_each_model_in_its_choice_and_stays_close_to_float32(folder, 
     reference = load(folder)(**CALL).images
     assert psnr(image, reference) >= 35
     # a mapping (what a recipe records) gives exactly that, with no measurement
-    times, calls = timings
+    times, calls, _ = timings
     calls.clear()
     again = load(folder, dtype={k: str(v).removeprefix("torch.") for k, v in pipe.dtypes.items()})
     assert again.dtypes == pipe.dtypes and calls == []

@@ -1,11 +1,13 @@
 """`dtype="auto"`: the fastest arithmetic this machine offers for each model, measured once per process.
 
-CPUs differ wildly: an AVX2-only EPYC multiplies bfloat16 about 6x slower than float32, one with AVX-512-BF16 or
-AMX about 4-6x faster (`python -m benchmarks.kernels`). Reading instruction-set flags would guess what torch's
-kernels use, so the candidates are timed on shapes like the models' own. Only candidates whose images stay within
+CPUs differ wildly: an AVX2-only EPYC multiplies bfloat16 about 6x slower than float32, an EPYC with AVX-512-BF16
+about 3x faster and a Xeon with AMX about 6x (`python -m benchmarks.kernels`). Reading instruction-set flags would
+guess what torch's kernels use, so the candidates are timed on shapes like the models' own.
+Only candidates whose images stay within
 35 dB PSNR of float32 compete (docs/benchmarks.md measures them): float32 and bfloat16. float16 is left out on the
-CPU, where it is rarely fast and FLUX's activations overflow it; int8 activations (`quantize="int8-dynamic"`) are
-lossier than 35 dB allows and stay an explicit choice.
+CPU, where it is rarely fast and FLUX's activations overflow it. int8 activations (`quantize="int8-dynamic"`) stay an
+explicit choice: their error depends on a checkpoint's activation outliers, which a timing cannot see (on the random
+and the shapes models it stays above 35 dB: docs/benchmarks.md, `python -m benchmarks.quant_quality`).
 """
 
 from __future__ import annotations
@@ -28,32 +30,38 @@ _lock = threading.Lock()
 _chosen: dict[tuple[str, int], dict[str, torch.dtype]] = {}
 
 
-def _seconds(fn: Callable[[], object], repeats: int = 4) -> float:
-    fn()  # the first calls of a kernel in a process set it up (oneDNN builds its primitives)
-    fn()
+def _seconds(fn: Callable[[], object], repeats: int = 4, give_up: float = float("inf")) -> float:
+    """The best of `repeats` timed calls after two warm-up calls; once a call after the first takes longer than
+    `give_up`, that call's time at once (a candidate that slow cannot win, and on an AVX2-only CPU a bfloat16
+    convolution takes about half a second a call: `python -m benchmarks.kernels`)."""
+    fn()  # the first calls of a kernel in a process set it up (oneDNN builds its primitives): not judged
     best = float("inf")
-    for _ in range(repeats):
+    for call in range(1 + repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if seconds > give_up:
+            return seconds
+        if call:  # the second warm-up call is judged, not counted
+            best = min(best, seconds)
     return best
 
 
-def _linear_time(dtype: torch.dtype, width: int) -> float:
+def _linear_time(dtype: torch.dtype, width: int, give_up: float = float("inf")) -> float:
     # 256 tokens through a width -> width linear: where bfloat16 wins on FLUX's widths it may lose on a tiny
     # model's, whose products are too small for the faster kernel to pay for its casts
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(256, width, generator=g).to(dtype), torch.randn(width, width, generator=g).to(dtype)
     with torch.no_grad():
-        return _seconds(lambda: F.linear(x, w))
+        return _seconds(lambda: F.linear(x, w), give_up=give_up)
 
 
-def _conv_time(dtype: torch.dtype) -> float:
+def _conv_time(dtype: torch.dtype, give_up: float = float("inf")) -> float:
     # a VAE-decoder-like 3x3 convolution: 64 channels on 64 x 64 pixels
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, 64, 64, 64, generator=g).to(dtype), torch.randn(64, 64, 3, 3, generator=g).to(dtype)
     with torch.no_grad():
-        return _seconds(lambda: F.conv2d(x, w, padding=1))
+        return _seconds(lambda: F.conv2d(x, w, padding=1), give_up=give_up)
 
 
 def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dict[str, torch.dtype]:
@@ -61,9 +69,9 @@ def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dic
 
     On a CUDA device with bfloat16 support that is bfloat16 (what every FLUX engine runs there); elsewhere on a
     GPU float32, and float32 for models narrower than SMALL_WIDTH. On the CPU each is timed once per process and
-    width (well under a second): bfloat16 for the
-    transformer and text encoders when a bfloat16 linear of that width beats float32 by MARGIN, for the VAE when a
-    bfloat16 convolution does. Thread-safe.
+    width (well under a second: a bfloat16 kernel stops being timed once a call is twice as slow as float32's):
+    bfloat16 for the transformer and text encoders when a bfloat16 linear of that width beats float32 by MARGIN, for
+    the VAE when a bfloat16 convolution does (timed only where bfloat16's linear beat float32's). Thread-safe.
     """
     device = torch.device(device)
     key = (device.type, width)
@@ -75,9 +83,16 @@ def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dic
             elif device.type != "cpu" or width < SMALL_WIDTH:
                 _chosen[key] = dict.fromkeys(COMPONENTS, torch.float32)
             else:
-                fp32, bf16 = _linear_time(torch.float32, width), _linear_time(torch.bfloat16, width)
+                # a call twice as slow as float32's best gives up on bfloat16 at once
+                fp32 = _linear_time(torch.float32, width)
+                bf16 = _linear_time(torch.bfloat16, width, give_up=2 * fp32)
                 linear = torch.bfloat16 if fp32 > MARGIN * bf16 else torch.float32
-                conv = torch.bfloat16 if _conv_time(torch.float32) > MARGIN * _conv_time(torch.bfloat16) \
-                    else torch.float32
+                conv = torch.float32
+                # where bfloat16's linear loses (no bfloat16 instructions: AVX2 only) its convolution has no fast kernel
+                # either, and timing one would take seconds
+                if bf16 < fp32:
+                    conv_fp32 = _conv_time(torch.float32)
+                    if conv_fp32 > MARGIN * _conv_time(torch.bfloat16, give_up=2 * conv_fp32):
+                        conv = torch.bfloat16
                 _chosen[key] = {"transformer": linear, "vae": conv, "text_encoders": linear}
         return dict(_chosen[key])

@@ -3,9 +3,9 @@ comments quote for kernel choices.
 
     python -m benchmarks.kernels
 
-Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`) matrix products at FLUX shapes, the
-weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight, a 3x3 convolution and SDPA
-in float32 and bfloat16, what `dtype="auto"`'s probe chooses and how long it takes, and what writing into a fresh
+Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`, and FBGEMM's dynamic linear) matrix
+products at FLUX shapes, the weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight,
+a 3x3 convolution and SDPA in float32 and bfloat16, what `dtype="auto"`'s probe chooses and how long it takes, and what writing into a fresh
 large tensor costs against writing into an existing one (page faults).
 """
 
@@ -16,13 +16,18 @@ import torch.nn.functional as F
 
 from benchmarks.bench import cpu_features
 from rectiflux.quantize import linear as quantize
-from rectiflux.quantize.linear import median_seconds
 from rectiflux.runtime import kernels
 
 
 def ms(fn, repeats: int = 7) -> float:
-    """Median milliseconds of `repeats` calls after a warm-up (the timer rectiflux's int8 probe uses)."""
-    return median_seconds(fn, repeats) * 1e3
+    """Median milliseconds of `repeats` calls after a warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2] * 1e3
 
 
 def gemm_rates(m: int, k: int, n: int) -> list[tuple[str, float]]:
@@ -31,7 +36,30 @@ def gemm_rates(m: int, k: int, n: int) -> list[tuple[str, float]]:
     ai, wi = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
     flop = 2 * m * k * n / 1e6  # per ms: GFLOP/s
     return [("float32", flop / ms(lambda: F.linear(a, w))), ("bfloat16", flop / ms(lambda: F.linear(ab, wb))),
-            ("int8 _int_mm", flop / ms(lambda: torch._int_mm(ai, wi.t())))]
+            ("int8 _int_mm", flop / ms(lambda: torch._int_mm(ai, wi.t())))] + fbgemm_rate(a, w, flop)
+
+
+def fbgemm_rate(a: torch.Tensor, w: torch.Tensor, flop: float) -> list[tuple[str, float]]:
+    """FBGEMM's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, u8 x s8 with AVX2 kernels), a candidate
+    for int8 activations where `_int_mm` is slow. It takes one activation scale per call, so each token is first
+    divided by its own max|x| and the output multiplied back: per-token scales, as the int_mm path has. Empty where
+    torch was built without FBGEMM (its quantized tensors are deprecated in torch 2.13)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scale = w.abs().amax(1).double() / 127
+            qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qw, None)
+    except (RuntimeError, AttributeError):
+        return []
+
+    def product() -> torch.Tensor:
+        amax = a.abs().amax(1, keepdim=True)
+        return torch.ops.quantized.linear_dynamic(a / amax, packed, True) * amax
+
+    return [("int8 fbgemm per-token", flop / ms(product))]
 
 
 def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:

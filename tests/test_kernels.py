@@ -59,11 +59,28 @@ def test_a_candidate_far_slower_than_the_bound_stops_being_timed(monkeypatch):
     calls = []
     clock = iter(range(100))
     monkeypatch.setattr(kernels.time, "perf_counter", lambda: 10.0 * next(clock))  # every timed call takes 10 s
-    assert kernels._seconds(lambda: calls.append(1), give_up=5.0) == 10.0
-    assert len(calls) == 2  # the untimed set-up call, then the one that gave up
+    assert kernels.best_seconds(lambda: calls.append(1), give_up=5.0) == 10.0
+    assert len(calls) == 2  # the set-up call may take twice the bound; the next one gave up
     calls.clear()
-    assert kernels._seconds(lambda: calls.append(1), repeats=4) == 10.0
+    assert kernels.best_seconds(lambda: calls.append(1), give_up=4.9) == 10.0
+    assert len(calls) == 1  # a set-up call over twice the bound gives up at once
+    calls.clear()
+    assert kernels.best_seconds(lambda: calls.append(1), repeats=4) == 10.0
     assert len(calls) == 6  # two warm-up calls and four timed ones
+
+
+def test_the_best_timed_call_is_returned_and_warm_up_calls_are_not_counted(monkeypatch):
+    durations = iter([9.0, 8.0, 3.0, 2.0, 4.0])
+    now = [0.0]
+
+    def clock():
+        now[0] += next(durations) if clock.running else 0.0
+        clock.running = not clock.running
+        return now[0]
+
+    clock.running = False
+    monkeypatch.setattr(kernels.time, "perf_counter", clock)
+    assert kernels.best_seconds(lambda: None, repeats=3, give_up=10.0) == 2.0
 
 
 def test_the_real_probe_answers_with_float_dtypes():

@@ -2,6 +2,7 @@
 the safetensors format, block-by-block conversion of float checkpoints, and refusal of bad files."""
 
 import json
+import time
 from dataclasses import asdict
 
 import pytest
@@ -155,17 +156,23 @@ def test_int8_activations_stay_float_where_int8_products_are_slow(monkeypatch):
         assert rel(q(x), lin(x)) < 0.02
 
 
-def test_int8_speed_probe_measures_once(monkeypatch):
-    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", None)
+def test_int8_speed_probe_measures_once_and_gives_up_on_a_slow_kernel(monkeypatch):
     calls = []
-    real = quantize._INT_MM
-    monkeypatch.setattr(quantize, "_INT_MM", lambda a, b: calls.append(1) or real(a, b))
-    fast = quantize.int8_matmul_is_fast()
-    assert isinstance(fast, bool) and quantize.INT8_MATMUL_FAST is fast and len(calls) == 4  # warm-up + 3
-    assert quantize.int8_matmul_is_fast() is fast and len(calls) == 4
+    product = torch.zeros(128, 512, dtype=torch.int32)
+    for kernel, fast, timed in ((lambda a, b: product, True, 5), (lambda a, b: time.sleep(0.2) or product, False, 1)):
+        monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", None)
+        monkeypatch.setattr(quantize, "_INT_MM", lambda a, b, kernel=kernel: calls.append(1) or kernel(a, b))
+        calls.clear()
+        assert quantize.int8_matmul_is_fast() is fast and quantize.INT8_MATMUL_FAST is fast
+        # two warm-up calls and three timed ones; a kernel far slower than float32 (an AVX2-only CPU's) once
+        assert len(calls) == timed
+        assert quantize.int8_matmul_is_fast() is fast and len(calls) == timed
     monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", None)
     monkeypatch.setattr(quantize, "_INT_MM", None)
     assert quantize.int8_matmul_is_fast() is False
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", None)
+    monkeypatch.setattr(quantize, "_INT_MM", torch._int_mm)
+    assert isinstance(quantize.int8_matmul_is_fast(), bool)  # the real kernels
 
 
 def test_dequant_kernel_reuses_one_weight_tensor_without_grad():

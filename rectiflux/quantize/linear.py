@@ -25,7 +25,6 @@ Every kernel returns the input's dtype. The module is for inference: nothing her
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..flux.transformer import Flux
+from ..runtime.kernels import best_seconds
 
 WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
 # The largest code of each format: 127 rather than 128 keeps int8 symmetric (-127..127), and 448 is e4m3fn's
@@ -60,17 +60,6 @@ _SCALED_MM = getattr(torch, "_scaled_mm", None)
 INT8_MATMUL_FAST: bool | None = None
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Median wall time of `repeats` calls of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2]
-
-
 def int8_matmul_is_fast() -> bool:
     """Whether `torch._int_mm` on this CPU beats a float32 matmul of the same shape (measured once per process).
 
@@ -78,7 +67,8 @@ def int8_matmul_is_fast() -> bool:
     AVX2-only CPU torch 2.13 runs a generic kernel many times slower than float32 (`python -m benchmarks.kernels`
     measures both; docs/benchmarks.md). Timing the two kernels answers for the CPU at hand, where reading
     instruction-set flags would have to guess what torch's kernel uses. The probe is a 128 x 1024 @ 1024 x 512
-    product timed 4 times against its float32 twin (`python -m benchmarks.kernels` prints its answer and time).
+    product timed against its float32 twin, with the `dtype="auto"` probe's timer (`python -m benchmarks.kernels`
+    prints its answer and time).
     """
     global INT8_MATMUL_FAST
     if INT8_MATMUL_FAST is None:
@@ -89,8 +79,8 @@ def int8_matmul_is_fast() -> bool:
             a, w = torch.randn(128, 1024, generator=g), torch.randn(512, 1024, generator=g)
             ai, wi = a.to(torch.int8), w.to(torch.int8)
             with torch.no_grad():
-                INT8_MATMUL_FAST = median_seconds(lambda: _INT_MM(ai, wi.t())) < median_seconds(
-                    lambda: F.linear(a, w))
+                float32 = best_seconds(lambda: F.linear(a, w))
+                INT8_MATMUL_FAST = best_seconds(lambda: _INT_MM(ai, wi.t()), give_up=2 * float32) < float32
     return INT8_MATMUL_FAST
 
 

@@ -5,8 +5,8 @@ comments quote for kernel choices.
 
 Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`, and FBGEMM's dynamic linear) matrix
 products at FLUX shapes, the weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight,
-a 3x3 convolution and SDPA in float32 and bfloat16, what `dtype="auto"`'s probe chooses and how long it takes, and what writing into a fresh
-large tensor costs against writing into an existing one (page faults).
+a 3x3 convolution and SDPA in float32 and bfloat16, what `dtype="auto"`'s probe chooses and how long it takes,
+and what writing into a fresh large tensor costs against writing into an existing one (page faults).
 """
 
 import time

@@ -85,21 +85,22 @@ def gguf_rates(shape: tuple[int, int]) -> list[tuple[str, float]]:
 def main() -> None:
     print("CPU: " + ", ".join(cpu_features()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("matrix products (M x K @ K x N), GFLOP/s:")
-    for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
-        print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
+    # the probes first, in a process where no kernel has run yet: what a pipeline's load gets
     start = time.perf_counter()
     fast = quantize.int8_matmul_is_fast()
     print(f"int8 speed probe (rectiflux.quantize.int8_matmul_is_fast): {fast}, "
           f"{(time.perf_counter() - start) * 1e3:.0f} ms")
-    x, w = torch.randn(1, 64, 64, 64), torch.randn(64, 64, 3, 3)
-    xb, wb = x.bfloat16(), w.bfloat16()
-    print(f"3x3 convolution, 64 channels on 64 x 64 pixels, ms: float32 {ms(lambda: F.conv2d(x, w, padding=1)):.1f}, "
-          f"bfloat16 {ms(lambda: F.conv2d(xb, wb, padding=1), 3):.1f}")
     start = time.perf_counter()
     chosen = {name: str(dtype).removeprefix("torch.") for name, dtype in kernels.fastest_dtypes("cpu", 3072).items()}
     print(f'dtype="auto" probe at FLUX.1\'s width (rectiflux.runtime.kernels.fastest_dtypes): {chosen}, '
           f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    print("matrix products (M x K @ K x N), GFLOP/s:")
+    for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
+        print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
+    x, w = torch.randn(1, 64, 64, 64), torch.randn(64, 64, 3, 3)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    print(f"3x3 convolution, 64 channels on 64 x 64 pixels, ms: float32 {ms(lambda: F.conv2d(x, w, padding=1)):.1f}, "
+          f"bfloat16 {ms(lambda: F.conv2d(xb, wb, padding=1), 3):.1f}")
     print("weight-only int8, 9216 x 3072 weight, ms: packed kernel / dequantise + float32 matmul")
     wi, scale = torch.randint(-127, 128, (9216, 3072), dtype=torch.int8), torch.rand(9216)
     for rows in (1, 8, 16, 256):
@@ -113,6 +114,15 @@ def main() -> None:
           f"(relative error {((low - exact).norm() / exact.norm()).item():.2g})")
     print("GGUF dequantisation of one GGUFLinear chunk (1365 x 3072 weights), G weights/s: " + ", ".join(
         f"{name} {rate:.2f}" for name, rate in gguf_rates((1365, 3072))))
+    acc, token_scale = torch.randint(-2**20, 2**20, (1280, 10752), dtype=torch.int32), torch.rand(1280, 1)
+    y = torch.empty(1280, 10752)
+    print(f"int32 products of a 1280 x 10752 linear to float32, scaled per token, ms: int32 x float32 "
+          f"{ms(lambda: acc * token_scale):.1f}, converted into a reused tensor then scaled in place "
+          f"{ms(lambda: y.copy_(acc).mul_(token_scale)):.1f}")
+    rows = torch.randn(1280, 1536).bfloat16()
+    print(f"max |x| of each row of a 1280 x 1536 bfloat16 tensor (per-token int8 scales), ms: aminmax "
+          f"{ms(lambda: rows.aminmax(dim=1)):.2f}, amax and amin (quantize.row_absmax) "
+          f"{ms(lambda: quantize.row_absmax(rows)):.2f}")
     x, scale, out = torch.randn(1280, 7680), torch.rand(1280, 1), torch.empty(1280, 7680)
     print(f"multiply a 1280 x 7680 float32 tensor, ms: into a new tensor {ms(lambda: x * scale):.1f}, "
           f"into an existing one {ms(lambda: torch.mul(x, scale, out=out)):.1f}")

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from rectiflux.flux.config import FluxConfig
 from rectiflux.flux.transformer import Flux
 from rectiflux.pipelines.load import QUANTIZE_MODES
-from rectiflux.quantize.linear import block_quantizer
+from rectiflux.quantize.linear import block_quantizer, use_int8_dynamic_attention
 from rectiflux.runtime import heap
 
 
@@ -34,6 +34,8 @@ def main() -> None:
         prepare = block_quantizer(*QUANTIZE_MODES[args.quantize])
         for block in [*model.double_blocks, *model.single_blocks]:
             prepare(block)
+        if args.quantize == "int8-dynamic":
+            use_int8_dynamic_attention(model)
     ids = torch.zeros(1024, 3)
     ids[:, 1], ids[:, 2] = torch.arange(1024) // 32, torch.arange(1024) % 32
     inputs = dict(img=torch.randn(1, 1024, 64), img_ids=ids, txt=torch.randn(1, 256, 4096),

@@ -69,6 +69,15 @@ def test_a_candidate_far_slower_than_the_bound_stops_being_timed(monkeypatch):
     assert len(calls) == 6  # two warm-up calls and four timed ones
 
 
+def test_the_set_up_call_runs_first_and_is_not_timed(monkeypatch):
+    calls = []
+    clock = iter(range(100))
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(clock))  # every timed call takes 1 s
+    # a set-up call that took 50 s would have given up on a kernel whose calls take 1 s against a 2 s bound
+    assert kernels.best_seconds(lambda: calls.append("call"), give_up=2.0, setup=lambda: calls.append("setup")) == 1.0
+    assert calls == ["setup"] + ["call"] * 5
+
+
 def test_the_best_timed_call_is_returned_and_warm_up_calls_are_not_counted(monkeypatch):
     durations = iter([9.0, 8.0, 3.0, 2.0, 4.0])
     now = [0.0]
@@ -106,3 +115,20 @@ def test_auto_loads_each_model_in_its_choice_and_stays_close_to_float32(folder, 
         load(folder, dtype={"transformer": "bfloat16"})
     with pytest.raises(ValueError, match="unknown dtype"):
         load(folder, dtype="fastest")
+
+
+def test_the_attention_probe_times_once_and_only_cpus_with_bfloat16(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "_by_head", None)
+    monkeypatch.setattr(kernels, "best_seconds", lambda fn, **kw: calls.append(kw.get("give_up")) or len(calls))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert kernels.attention_by_head_is_faster("cpu") is False  # SDPA 1 s, by head 2 s
+    assert kernels.attention_by_head_is_faster("cpu") is False and len(calls) == 2
+    assert calls[1] == 2  # by head is given up once a call takes twice SDPA's
+    assert kernels.attention_by_head_is_faster("meta") is False and len(calls) == 2  # no CPU: not timed
+    monkeypatch.setattr(kernels, "_by_head", None)
+    monkeypatch.setattr(kernels, "best_seconds", lambda fn, **kw: 1.0 if "give_up" not in kw else 0.5)
+    assert kernels.attention_by_head_is_faster("cpu") is True  # 2x faster: more than MARGIN
+    monkeypatch.setattr(kernels, "_by_head", None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert kernels.attention_by_head_is_faster("cpu") is False  # no bfloat16 kernels (AVX2): not timed

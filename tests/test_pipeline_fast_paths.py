@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+import rectiflux.quantize.linear as quantize
+from rectiflux.flux.layers import attention, attention_by_head
+from rectiflux.images import psnr
 from rectiflux.pipelines.load import load
 
 
@@ -37,3 +40,13 @@ def test_int8_dynamic_blocks_use_bf16_attention_where_the_cpu_has_it():
     assert {b.attention_dtype for b in [*pipe.transformer.double_blocks, *pipe.transformer.single_blocks]} == {
         expected}
     assert load("shapes", quantize="int8", blocks="memory").transformer.double_blocks[0].attention_dtype is None
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_int8_dynamic_attends_head_by_head_where_that_is_faster(monkeypatch, faster):
+    # the probe's answer (timed once per process on the real kernels) decides; both stay close to float32's image
+    monkeypatch.setattr(quantize, "attention_by_head_is_faster", lambda device: faster)
+    pipe = load("shapes", quantize="int8-dynamic", blocks="memory")
+    assert pipe.transformer.attention is (attention_by_head if faster else attention)
+    assert load("shapes", quantize="int8", blocks="memory").transformer.attention is attention
+    assert psnr(render(pipe).images, render(load("shapes")).images) >= 30

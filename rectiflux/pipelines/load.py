@@ -360,6 +360,10 @@ def load(source: str | os.PathLike | None = None,
     pipe = FluxPipeline(transformer.to(device), autoencoder.to(device), encoders.to(device), scheduler, defaults,
                         name=path.name, kind=found)
     pipe.source = path
+    if quantize == "int8-dynamic":
+        from ..quantize.linear import use_int8_dynamic_attention
+
+        use_int8_dynamic_attention(pipe.transformer)
     if compile:
         from ..runtime.compile import compile_blocks
 

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..flux.layers import attention_by_head
 from ..flux.transformer import Flux
-from ..runtime.kernels import best_seconds
+from ..runtime.kernels import attention_by_head_is_faster, best_seconds
 
 WEIGHT_DTYPES = {"int8": torch.int8, "float8": torch.float8_e4m3fn}
 # The largest code of each format: 127 rather than 128 keeps int8 symmetric (-127..127), and 448 is e4m3fn's
@@ -78,9 +79,11 @@ def int8_matmul_is_fast() -> bool:
             g = torch.Generator().manual_seed(0)
             a, w = torch.randn(128, 1024, generator=g), torch.randn(512, 1024, generator=g)
             ai, wi = a.to(torch.int8), w.to(torch.int8)
+            tiny = torch.ones(32, 32, dtype=torch.int8)
             with torch.no_grad():
-                float32 = best_seconds(lambda: F.linear(a, w))
-                INT8_MATMUL_FAST = best_seconds(lambda: _INT_MM(ai, wi.t()), give_up=2 * float32) < float32
+                float32 = best_seconds(lambda: F.linear(a, w), setup=lambda: F.linear(a[:32, :32], w[:32, :32]))
+                INT8_MATMUL_FAST = best_seconds(lambda: _INT_MM(ai, wi.t()), give_up=2 * float32,
+                                                setup=lambda: _INT_MM(tiny, tiny)) < float32
     return INT8_MATMUL_FAST
 
 
@@ -141,18 +144,28 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
+def row_absmax(x: Tensor) -> Tensor:
+    """max |x| of each row of an (M, K) tensor, as float32 (M, 1).
+
+    Two reductions without a temporary: x.abs() would write a whole tensor first, and `aminmax` along a row runs
+    four to ten times slower than `amax` and `amin` together on the CPU (torch 2.13; `python -m benchmarks.kernels`).
+    """
+    return torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_()).float()
+
+
 def quantize_tokens(x: Tensor, scratch: bool = False) -> tuple[Tensor, Tensor]:
     """(M, K) -> int8 codes and a float32 (M, 1) scale per row: dynamic, symmetric, per token.
 
     With `scratch` the codes are written to a per-thread scratch tensor that the next call overwrites.
     """
-    lo, hi = x.aminmax(dim=1, keepdim=True)  # one read pass; x.abs() would write a whole temporary first
-    amax = torch.maximum(-lo, hi).float()
+    amax = row_absmax(x)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     if not scratch:
         return (x.float() / scale).round_().to(torch.int8), scale
-    # |x / scale| <= 127 by construction, so no clamp is needed before the cast
-    codes = torch.div(x, scale, out=_SCRATCH.get("xf", x.shape, torch.float32, x.device)).round_()
+    # |x / scale| <= 127 by construction, so no clamp is needed before the cast. A bfloat16 x divided by float32
+    # scales would run torch's mixed-dtype loop: it is widened (exactly) into the scratch tensor first.
+    xf = _SCRATCH.get("xf", x.shape, torch.float32, x.device)
+    codes = (torch.div(x, scale, out=xf) if x.dtype == torch.float32 else xf.copy_(x).div_(scale)).round_()
     return _SCRATCH.get("codes", x.shape, torch.int8, x.device).copy_(codes), scale
 
 
@@ -227,8 +240,7 @@ class QuantizedLinear(nn.Module):
         # scratch tensors save eager page faults; a compiled graph plans its own buffers (and cannot trace them)
         scratch = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if kernel == "scaled_mm":
-            lo, hi = x2d.aminmax(dim=1, keepdim=True)
-            x_scale = torch.maximum(-lo, hi).float().clamp_(min=1e-12) / QMAX["float8"]
+            x_scale = row_absmax(x2d).clamp_(min=1e-12) / QMAX["float8"]
             codes = (x2d.float() / x_scale).to(torch.float8_e4m3fn)
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
             y = _SCALED_MM(codes, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :].float(),
@@ -238,19 +250,22 @@ class QuantizedLinear(nn.Module):
             y = y.to(x.dtype)
         elif kernel == "int_mm":
             codes, x_scale = quantize_tokens(x2d, scratch=scratch)
+            # the int32 sum is exact (|acc| <= K * 127^2 stays far below 2^31 for any FLUX width); converted to
+            # float32, it is rescaled per token and per channel and biased in place
             if not scratch:
-                acc = _INT_MM(codes, self.weight.t())
+                y = _INT_MM(codes, self.weight.t()).float()
             else:
                 acc = _SCRATCH.get("acc", (codes.shape[0], self.out_features), torch.int32, x.device)
                 _INT_MM(codes, self.weight.t(), out=acc)
-            # the int32 sum is exact (|acc| <= K * 127^2 stays far below 2^31 for any FLUX width); the product
-            # with the float token scales gives float32, rescaled per channel and biased in the same tensor
-            y = acc * x_scale
+                # converted first, into a reused tensor: an int32 x float32 product runs torch's mixed-dtype loop,
+                # four times slower than converting and multiplying (python -m benchmarks.kernels)
+                y = _SCRATCH.get("y", acc.shape, torch.float32, x.device).copy_(acc)
+            y.mul_(x_scale)
             if self.bias is not None:
-                y = torch.addcmul(self.bias.float(), y, self.weight_scale, out=y)
+                torch.addcmul(self.bias.float(), y, self.weight_scale, out=y)
             else:
                 y.mul_(self.weight_scale)
-            y = y.to(x.dtype)
+            y = y.to(x.dtype, copy=scratch)  # a scratch tensor never leaves: copied even where x is float32
         elif kernel == "int8pack":
             # the kernel wants the scales in the input's dtype (bf16 scales cost < 0.4% per channel, below the
             # rounding of a bf16 output anyway)
@@ -347,3 +362,13 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
                 block.attention_dtype = torch.bfloat16
 
     return prepare
+
+
+def use_int8_dynamic_attention(model: Flux) -> Flux:
+    """The int8-dynamic mode's attention for a model whose blocks `block_quantizer` prepares (or has prepared): in
+    bfloat16 where the CPU has bfloat16 kernels (each block's `attention_dtype`), and computed head by head with its
+    scores in bfloat16 where that beats SDPA on this CPU (`attention_by_head_is_faster`, timed once per process).
+    """
+    if attention_by_head_is_faster(model.device):
+        model.attention = attention_by_head
+    return model

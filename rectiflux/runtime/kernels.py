@@ -29,15 +29,24 @@ SMALL_WIDTH = 1024
 
 _lock = threading.Lock()
 _chosen: dict[tuple[str, int], dict[str, torch.dtype]] = {}
+_by_head: bool | None = None  # attention_by_head_is_faster's answer, once measured
 
 
-def best_seconds(fn: Callable[[], object], repeats: int = 3, give_up: float = float("inf")) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int = 3, give_up: float = float("inf"),
+                 setup: Callable[[], object] | None = None) -> float:
     """The best of `repeats` timed calls after two warm-up calls (the probes' one timer), or, once a call shows the
     candidate cannot win, that call's time at once: a call after the first that takes longer than `give_up`, or a
-    first call that takes longer than twice `give_up` (the first call of a kernel in a process also sets it up:
-    oneDNN builds its primitives). On an AVX2-only CPU a bfloat16 product of FLUX's width takes about six float32
-    calls, and its convolution about two hundred (`python -m benchmarks.kernels`): each is called once.
+    first call that takes longer than twice `give_up` (the first call at a shape also builds oneDNN's primitive for
+    it). On an AVX2-only CPU a bfloat16 product of FLUX's width takes about six float32 calls, and its convolution
+    about two hundred (`python -m benchmarks.kernels`): each is called once.
+
+    `setup`, a tiny call of the same kernel, runs first and is not timed: the first call of a kernel in a process
+    sets up its library, which takes longer than the product being timed (`torch._int_mm`'s first call takes
+    several milliseconds on any shape, against a fraction of one for the probe's product), and judged by that call
+    a fast kernel would be given up as slow.
     """
+    if setup is not None:
+        setup()
     best = float("inf")
     for call in range(2 + repeats):
         start = time.perf_counter()
@@ -60,15 +69,18 @@ def _linear_time(dtype: torch.dtype, width: int, give_up: float = float("inf")) 
     # 256 tokens through a width -> width linear: where bfloat16 wins on FLUX's widths it may lose on a tiny
     # model's, whose products are too small for the faster kernel to pay for its casts
     x, w = _operand(256, width, dtype=dtype), _operand(width, width, dtype=dtype)
+    tiny = _operand(16, 64, dtype=dtype)
     with torch.no_grad():
-        return best_seconds(lambda: F.linear(x, w), give_up=give_up)
+        return best_seconds(lambda: F.linear(x, w), give_up=give_up, setup=lambda: F.linear(tiny, tiny))
 
 
 def _conv_time(dtype: torch.dtype, give_up: float = float("inf")) -> float:
     # a VAE-decoder-like 3x3 convolution: 64 channels on 64 x 64 pixels
     x, w = _operand(1, 64, 64, 64, dtype=dtype), _operand(64, 64, 3, 3, dtype=dtype)
+    tiny_x, tiny_w = _operand(1, 8, 8, 8, dtype=dtype), _operand(8, 8, 3, 3, dtype=dtype)
     with torch.no_grad():
-        return best_seconds(lambda: F.conv2d(x, w, padding=1), give_up=give_up)
+        return best_seconds(lambda: F.conv2d(x, w, padding=1), give_up=give_up,
+                            setup=lambda: F.conv2d(tiny_x, tiny_w, padding=1))
 
 
 def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dict[str, torch.dtype]:
@@ -103,3 +115,29 @@ def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dic
                         conv = torch.bfloat16
                 _chosen[key] = {"transformer": linear, "vae": conv, "text_encoders": linear}
         return dict(_chosen[key])
+
+
+def attention_by_head_is_faster(device: torch.device | str = "cpu") -> bool:
+    """Whether `rectiflux.flux.layers.attention_by_head` beats SDPA in bfloat16 on `device` (the int8-dynamic mode's
+    attention), timed once per process on two heads of FLUX's head size over 1024 tokens. Only CPUs with bfloat16
+    kernels are timed: on a GPU SDPA's fused kernels win, and without bfloat16 instructions neither is fast.
+    Thread-safe.
+    """
+    global _by_head
+    if torch.device(device).type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    from ..flux.layers import attention_by_head
+
+    with _lock:
+        if _by_head is None:
+            q, k, v = (_operand(1, 1024, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+            tiny = _operand(1, 16, 1, 128, dtype=torch.bfloat16)
+            with torch.no_grad():
+                def sdpa() -> torch.Tensor:
+                    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+                fused = best_seconds(sdpa, setup=lambda: F.scaled_dot_product_attention(tiny, tiny, tiny))
+                by_head = best_seconds(lambda: attention_by_head(q, k, v), give_up=2 * fused,
+                                       setup=lambda: attention_by_head(tiny, tiny, tiny))
+            _by_head = fused > MARGIN * by_head
+        return _by_head

@@ -63,8 +63,9 @@ def fbgemm_rate(a: torch.Tensor, w: torch.Tensor, flop: float) -> list[tuple[str
 
 
 def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
+    weight = torch.empty(wi.shape)  # dequantised as QuantizedLinear does: into a reused tensor
     return (ms(lambda: torch.ops.aten._weight_int8pack_mm(x, wi, scale), 3),
-            ms(lambda: F.linear(x, wi.float() * scale[:, None]), 3))
+            ms(lambda: F.linear(x, weight.copy_(wi).mul_(scale[:, None])), 3))
 
 
 def gguf_rates(shape: tuple[int, int]) -> list[tuple[str, float]]:
@@ -119,6 +120,10 @@ def main() -> None:
     print(f"int32 products of a 1280 x 10752 linear to float32, scaled per token, ms: int32 x float32 "
           f"{ms(lambda: acc * token_scale):.1f}, converted into a reused tensor then scaled in place "
           f"{ms(lambda: y.copy_(acc).mul_(token_scale)):.1f}")
+    weight = torch.empty(9216, 3072)  # wi and scale: the weight-only figures' 9216 x 3072 weight
+    print(f"dequantise a 9216 x 3072 int8 weight into a float32 tensor, ms: int8 x float32 "
+          f"{ms(lambda: torch.mul(wi, scale[:, None], out=weight)):.1f}, widened then scaled in place "
+          f"{ms(lambda: weight.copy_(wi).mul_(scale[:, None])):.1f}")
     rows = torch.randn(1280, 1536).bfloat16()
     print(f"max |x| of each row of a 1280 x 1536 bfloat16 tensor (per-token int8 scales), ms: aminmax "
           f"{ms(lambda: rows.aminmax(dim=1)):.2f}, amax and amin (quantize.row_absmax) "

@@ -22,8 +22,10 @@ def render(pipe) -> np.ndarray:
 def main() -> None:
     reference = render(rectiflux.load("shapes"))
     for mode in ("int8", "int8-dynamic", "float8"):
-        mse = float(((render(rectiflux.load("shapes", quantize=mode)) - reference) ** 2).mean())
-        print(f"{mode:>13}: PSNR {10 * np.log10(1 / max(mse, 1e-12)):.1f} dB against float32")
+        pipe = rectiflux.load("shapes", quantize=mode)
+        mse = float(((render(pipe) - reference) ** 2).mean())
+        print(f"{mode:>13}: PSNR {10 * np.log10(1 / max(mse, 1e-12)):.1f} dB against float32 "
+              f"(attention: {pipe.transformer.attention.__name__})")
 
 
 if __name__ == "__main__":

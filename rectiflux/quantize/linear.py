@@ -278,11 +278,10 @@ class QuantizedLinear(nn.Module):
                 weight = self.dequantized_weight(x.dtype)
             else:  # into a reused tensor: under a streamed model's pinned heap (rectiflux.heap) a fresh one
                 # per call would fault in every page of it
+                # widened first, then scaled in place: int8 x float32 would run torch's mixed-dtype loop (six
+                # times slower here, python -m benchmarks.kernels), and float8 does not promote in arithmetic
                 weight = _SCRATCH.get("weight", tuple(self.weight.shape), torch.float32, x.device)
-                if self.weight.dtype == torch.int8:
-                    torch.mul(self.weight, self.weight_scale[:, None], out=weight)
-                else:  # torch does not promote float8 in arithmetic: widen first
-                    weight.copy_(self.weight).mul_(self.weight_scale[:, None])
+                weight.copy_(self.weight).mul_(self.weight_scale[:, None])
             y = F.linear(x2d, weight, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 

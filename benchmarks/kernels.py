@@ -5,16 +5,22 @@ comments quote for kernel choices.
 
 Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`, and FBGEMM's dynamic linear) matrix
 products at FLUX shapes, the weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight,
-a 3x3 convolution and SDPA in float32 and bfloat16, what `dtype="auto"`'s probe chooses and how long it takes,
+a 3x3 convolution, attention (SDPA in float32 and bfloat16, and int8-dynamic's head-by-head bfloat16 products),
+what the probes (`dtype="auto"`'s, the int8 and the attention one) choose and how long they take,
 and what writing into a fresh large tensor costs against writing into an existing one (page faults).
 """
 
+import subprocess
+import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.bench import cpu_features
+from rectiflux.flux import layers
+from rectiflux.flux.layers import attention, attention_by_head, split_qkv
 from rectiflux.quantize import linear as quantize
 from rectiflux.runtime import kernels
 
@@ -28,6 +34,17 @@ def ms(fn, repeats: int = 7) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[repeats // 2] * 1e3
+
+
+def first_int_mm_calls() -> str:
+    """The first call of `torch._int_mm` in a process also sets up its library: timed in a fresh interpreter (this one
+    has run the probes)."""
+    script = ("import time, torch\n"
+              "a, w = torch.ones(128, 1024, dtype=torch.int8), torch.ones(512, 1024, dtype=torch.int8)\n"
+              "for _ in range(2):\n"
+              "    start = time.perf_counter(); torch._int_mm(a, w.t())\n"
+              "    print(f'{(time.perf_counter() - start) * 1e3:.2f}', end=' ')\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.strip()
 
 
 def gemm_rates(m: int, k: int, n: int) -> list[tuple[str, float]]:
@@ -95,6 +112,12 @@ def main() -> None:
     chosen = {name: str(dtype).removeprefix("torch.") for name, dtype in kernels.fastest_dtypes("cpu", 3072).items()}
     print(f'dtype="auto" probe at FLUX.1\'s width (rectiflux.runtime.kernels.fastest_dtypes): {chosen}, '
           f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    start = time.perf_counter()
+    by_head = kernels.attention_by_head_is_faster("cpu")
+    print(f"attention probe (rectiflux.runtime.kernels.attention_by_head_is_faster): {by_head}, "
+          f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    print("first and second torch._int_mm call of a fresh process (128 x 1024 @ 1024 x 512), ms: "
+          + first_int_mm_calls())
     print("matrix products (M x K @ K x N), GFLOP/s:")
     for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
         print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
@@ -107,12 +130,26 @@ def main() -> None:
     for rows in (1, 8, 16, 256):
         packed, dequant = weight_only_ms(torch.randn(rows, 3072), wi, scale)
         print(f"  {rows} rows: {packed:.1f} / {dequant:.1f}")
-    q, k, v = (torch.randn(1, 24, 1280, 128) for _ in range(3))
-    exact = F.scaled_dot_product_attention(q, k, v)
-    low = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
-    print(f"SDPA 24 heads x 1280 tokens, ms: float32 {ms(lambda: F.scaled_dot_product_attention(q, k, v)):.1f}, "
-          f"bfloat16 {ms(lambda: F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())):.1f} "
-          f"(relative error {((low - exact).norm() / exact.norm()).item():.2g})")
+    # as the blocks hand them over: q and k fresh from RoPE, v a view into the qkv product
+    q, k, v = split_qkv(torch.randn(1, 1280, 3 * 24 * 128), 24)
+    q, k = q.contiguous(), k.contiguous()
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    exact = attention(q, k, v)
+
+    def error(out: torch.Tensor) -> str:
+        return f"{((out.float() - exact).norm() / exact.norm()).item():.2g}"
+
+    print(f"attention, 24 heads x 1280 tokens, ms (relative error): SDPA float32 {ms(lambda: attention(q, k, v)):.1f}, "
+          f"SDPA bfloat16 {ms(lambda: attention(qb, kb, vb)):.1f} ({error(attention(qb, kb, vb))}), head by head "
+          f"in bfloat16 (int8-dynamic) {ms(lambda: attention_by_head(qb, kb, vb)):.1f} "
+          f"({error(attention_by_head(qb, kb, vb))})")
+    q, k, v = split_qkv(torch.randn(1, 4608, 3 * 2 * 128).bfloat16(), 2)  # a 1024 x 1024 image's tokens
+    q, k = q.contiguous(), k.contiguous()
+    chunked = ms(lambda: attention_by_head(q, k, v), 3)
+    with mock.patch.object(layers, "SCORES_PER_PRODUCT", 4608 * 4608):
+        whole = ms(lambda: attention_by_head(q, k, v), 3)
+    print(f"head by head in bfloat16, 2 heads x 4608 tokens, ms: {layers.SCORES_PER_PRODUCT // 4608} query rows per "
+          f"product {chunked:.1f}, whole heads {whole:.1f}")
     print("GGUF dequantisation of one GGUFLinear chunk (1365 x 3072 weights), G weights/s: " + ", ".join(
         f"{name} {rate:.2f}" for name, rate in gguf_rates((1365, 3072))))
     acc, token_scale = torch.randint(-2**20, 2**20, (1280, 10752), dtype=torch.int32), torch.rand(1280, 1)

@@ -200,7 +200,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None)
 
 
 # scores per product in attention_by_head, at most (4 MiB in bfloat16): past that a product's scores leave the caches
-# and it runs no faster than SDPA (a 4608-token head: 36 ms in chunks of 512 query rows, 60 ms whole)
+# and it runs no faster than SDPA (docs/architecture.md, "Figures behind the code's choices")
 SCORES_PER_PRODUCT = 1 << 21
 
 
@@ -208,7 +208,7 @@ def attention_by_head(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None
     """`attention` as two matrix products around a softmax, head by head, its scores in the inputs' dtype.
 
     The int8-dynamic mode's attention on CPUs where it beats SDPA (`rectiflux.runtime.kernels` times both): there
-    SDPA's bfloat16 kernel runs little faster than in float32 while bfloat16 products run two to three times faster.
+    SDPA's bfloat16 kernel runs little faster than in float32 while bfloat16 products run over twice as fast.
     Eagerly the query rows go in chunks whose scores stay in the caches; a compiled graph takes whole heads and the
     whole batch in each product, so that no sequence length or batch size recompiles it. The price is the scores'
     rounding to bfloat16 (SDPA keeps them in float32): about twice SDPA's error (tests/test_transformer.py bounds

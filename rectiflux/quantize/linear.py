@@ -148,7 +148,7 @@ def row_absmax(x: Tensor) -> Tensor:
     """max |x| of each row of an (M, K) tensor, as float32 (M, 1).
 
     Two reductions without a temporary: x.abs() would write a whole tensor first, and `aminmax` along a row runs
-    four to ten times slower than `amax` and `amin` together on the CPU (torch 2.13; `python -m benchmarks.kernels`).
+    several times slower than `amax` and `amin` together on the CPU (torch 2.13; `python -m benchmarks.kernels`).
     """
     return torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_()).float()
 
@@ -258,7 +258,7 @@ class QuantizedLinear(nn.Module):
                 acc = _SCRATCH.get("acc", (codes.shape[0], self.out_features), torch.int32, x.device)
                 _INT_MM(codes, self.weight.t(), out=acc)
                 # converted first, into a reused tensor: an int32 x float32 product runs torch's mixed-dtype loop,
-                # four times slower than converting and multiplying (python -m benchmarks.kernels)
+                # several times slower than converting and multiplying (python -m benchmarks.kernels)
                 y = _SCRATCH.get("y", acc.shape, torch.float32, x.device).copy_(acc)
             y.mul_(x_scale)
             if self.bias is not None:
@@ -277,9 +277,8 @@ class QuantizedLinear(nn.Module):
             if not scratch or x.dtype != torch.float32:
                 weight = self.dequantized_weight(x.dtype)
             else:  # into a reused tensor: under a streamed model's pinned heap (rectiflux.heap) a fresh one
-                # per call would fault in every page of it
-                # widened first, then scaled in place: int8 x float32 would run torch's mixed-dtype loop (six
-                # times slower here, python -m benchmarks.kernels), and float8 does not promote in arithmetic
+                # per call would fault in every page of it. Widened first, then scaled in place: int8 x float32
+                # runs torch's slow mixed-dtype loop (python -m benchmarks.kernels), and float8 does not promote
                 weight = _SCRATCH.get("weight", tuple(self.weight.shape), torch.float32, x.device)
                 weight.copy_(self.weight).mul_(self.weight_scale[:, None])
             y = F.linear(x2d, weight, bias)

@@ -119,25 +119,26 @@ def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dic
 
 def attention_by_head_is_faster(device: torch.device | str = "cpu") -> bool:
     """Whether `rectiflux.flux.layers.attention_by_head` beats SDPA in bfloat16 on `device` (the int8-dynamic mode's
-    attention), timed once per process on two heads of FLUX's head size over 1024 tokens. Only CPUs with bfloat16
-    kernels are timed: on a GPU SDPA's fused kernels win, and without bfloat16 instructions neither is fast.
-    Thread-safe.
+    attention), timed once per process on four heads of FLUX's head size over 1024 tokens, laid out as the blocks
+    hand them over: q and k fresh from RoPE, v a view into the qkv product (SDPA's time depends on those strides).
+    Only CPUs with bfloat16 kernels are timed: on a GPU SDPA's fused kernels win, and without bfloat16 instructions
+    neither is fast. Thread-safe.
     """
     global _by_head
     if torch.device(device).type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    from ..flux.layers import attention_by_head
+    from ..flux.layers import attention, attention_by_head, split_qkv
+
+    def blocks_qkv(tokens: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = split_qkv(_operand(1, tokens, 3 * heads * 128, dtype=torch.bfloat16), heads)
+        return q.contiguous(), k.contiguous(), v
 
     with _lock:
         if _by_head is None:
-            q, k, v = (_operand(1, 1024, 2, 128, dtype=torch.bfloat16) for _ in range(3))
-            tiny = _operand(1, 16, 1, 128, dtype=torch.bfloat16)
+            qkv, tiny = blocks_qkv(1024, 4), blocks_qkv(16, 1)
             with torch.no_grad():
-                def sdpa() -> torch.Tensor:
-                    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-
-                fused = best_seconds(sdpa, setup=lambda: F.scaled_dot_product_attention(tiny, tiny, tiny))
-                by_head = best_seconds(lambda: attention_by_head(q, k, v), give_up=2 * fused,
-                                       setup=lambda: attention_by_head(tiny, tiny, tiny))
+                fused = best_seconds(lambda: attention(*qkv), setup=lambda: attention(*tiny))
+                by_head = best_seconds(lambda: attention_by_head(*qkv), give_up=2 * fused,
+                                       setup=lambda: attention_by_head(*tiny))
             _by_head = fused > MARGIN * by_head
         return _by_head

@@ -4,7 +4,8 @@ comments quote for kernel choices.
     python -m benchmarks.kernels
 
 Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`, and FBGEMM's dynamic linear) matrix
-products at FLUX shapes, the weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight,
+products at FLUX shapes, the weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight
+for float32 and bfloat16 activations, float8 weights dequantised,
 a 3x3 convolution, attention (SDPA in float32 and bfloat16, and int8-dynamic's head-by-head bfloat16 products),
 what the probes (`dtype="auto"`'s, the int8 and the attention one) choose and how long they take,
 and what writing into a fresh large tensor costs against writing into an existing one (page faults).
@@ -80,9 +81,14 @@ def fbgemm_rate(a: torch.Tensor, w: torch.Tensor, flop: float) -> list[tuple[str
 
 
 def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
-    weight = torch.empty(wi.shape)  # dequantised as QuantizedLinear does: into a reused tensor
-    return (ms(lambda: torch.ops.aten._weight_int8pack_mm(x, wi, scale), 3),
-            ms(lambda: F.linear(x, weight.copy_(wi).mul_(scale[:, None])), 3))
+    # dequantised as QuantizedLinear does: into reused tensors, in float32, then rounded to the input's dtype
+    weight, low = torch.empty(wi.shape), torch.empty(wi.shape, dtype=x.dtype)
+
+    def dequantised() -> torch.Tensor:
+        w = quantize.dequantize_into(weight, wi, scale)
+        return F.linear(x, w if x.dtype == torch.float32 else low.copy_(w))
+
+    return ms(lambda: torch.ops.aten._weight_int8pack_mm(x, wi, scale.to(x.dtype)), 3), ms(dequantised, 3)
 
 
 def gguf_rates(shape: tuple[int, int]) -> list[tuple[str, float]]:
@@ -125,11 +131,13 @@ def main() -> None:
     xb, wb = x.bfloat16(), w.bfloat16()
     print(f"3x3 convolution, 64 channels on 64 x 64 pixels, ms: float32 {ms(lambda: F.conv2d(x, w, padding=1)):.1f}, "
           f"bfloat16 {ms(lambda: F.conv2d(xb, wb, padding=1), 3):.1f}")
-    print("weight-only int8, 9216 x 3072 weight, ms: packed kernel / dequantise + float32 matmul")
+    print("weight-only int8, 9216 x 3072 weight, ms by rows of input: packed kernel / dequantise + matmul "
+          "(quantize.INT8PACK_MAX_ROWS)")
     wi, scale = torch.randint(-127, 128, (9216, 3072), dtype=torch.int8), torch.rand(9216)
-    for rows in (1, 8, 16, 256):
-        packed, dequant = weight_only_ms(torch.randn(rows, 3072), wi, scale)
-        print(f"  {rows} rows: {packed:.1f} / {dequant:.1f}")
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"  {str(dtype).removeprefix('torch.')} activations: " + ", ".join(
+            "{}: {:.1f} / {:.1f}".format(rows, *weight_only_ms(torch.randn(rows, 3072).to(dtype), wi, scale))
+            for rows in (1, 2, 8, 24, 64)))
     # as the blocks hand them over: q and k fresh from RoPE, v a view into the qkv product
     q, k, v = split_qkv(torch.randn(1, 1280, 3 * 24 * 128), 24)
     q, k = q.contiguous(), k.contiguous()
@@ -161,6 +169,10 @@ def main() -> None:
     print(f"dequantise a 9216 x 3072 int8 weight into a float32 tensor, ms: int8 x float32 "
           f"{ms(lambda: torch.mul(wi, scale[:, None], out=weight)):.1f}, widened then scaled in place "
           f"{ms(lambda: weight.copy_(wi).mul_(scale[:, None])):.1f}")
+    codes = torch.randn(9216, 3072).to(torch.float8_e4m3fn)
+    print(f"the same weight in float8 e4m3fn, ms: torch's conversion {ms(lambda: weight.copy_(codes)):.1f}, "
+          f"quantize.dequantize_into (through float16 bits, scaled) "
+          f"{ms(lambda: quantize.dequantize_into(weight, codes, scale)):.1f}")
     rows = torch.randn(1280, 1536).bfloat16()
     print(f"max |x| of each row of a 1280 x 1536 bfloat16 tensor (per-token int8 scales), ms: aminmax "
           f"{ms(lambda: rows.aminmax(dim=1)):.2f}, amax and amin (quantize.row_absmax) "

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rectiflux.flux.config import FluxConfig
-from rectiflux.flux.layers import attention, attention_by_head
+from rectiflux.flux.layers import ATTENTIONS
 from rectiflux.flux.transformer import Flux
 from rectiflux.pipelines.load import QUANTIZE_MODES
 from rectiflux.quantize.linear import block_quantizer, use_int8_dynamic_attention
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantize", choices=list(QUANTIZE_MODES))
-    parser.add_argument("--attention", choices=["sdpa", "by-head"], help="instead of the one load would choose")
+    parser.add_argument("--attention", choices=list(ATTENTIONS), help="instead of the one load would choose")
     args = parser.parse_args()
     cfg = FluxConfig(in_channels=64, num_heads=args.heads, head_dim=128, depth=args.double, depth_single=args.single,
                      joint_attention_dim=4096, pooled_projection_dim=768, guidance_embed=True)
@@ -42,7 +42,7 @@ def main() -> None:
         if args.quantize == "int8-dynamic":
             use_int8_dynamic_attention(model)
     if args.attention:
-        model.attention = attention_by_head if args.attention == "by-head" else attention
+        model.attention = ATTENTIONS[args.attention]
     ids = torch.zeros(1024, 3)
     ids[:, 1], ids[:, 2] = torch.arange(1024) // 32, torch.arange(1024) % 32
     inputs = dict(img=torch.randn(1, 1024, 64), img_ids=ids, txt=torch.randn(1, 256, 4096),

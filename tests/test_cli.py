@@ -108,6 +108,7 @@ def test_generate_writes_png_with_recipe(first, model, env):
     assert "strength" not in text and "negative_prompt" not in text and "image" not in text
     # what "auto" chose for each model (this tiny model's widths are too small for bfloat16 to pay anywhere)
     assert json.loads(text["dtypes"]) == {"transformer": "float32", "vae": "float32", "text_encoders": "float32"}
+    assert json.loads(text["kernels"]) == {"attention": "sdpa"}
     cache = json.loads((Path(env["XDG_CACHE_HOME"]) / "rectiflux" / "weight-hashes.json").read_text())
     assert cache[str(transformer.absolute())]["sha256"] == sha
 
@@ -124,15 +125,19 @@ def test_from_png_reproduces_bit_for_bit(first, env, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.png"]  # no temporary file left
 
 
+def forge(path: Path, out: Path, **changes: str) -> Path:
+    info = PngInfo()
+    for key, value in {**text_of(path), **changes}.items():
+        info.add_text(key, value)
+    with Image.open(path) as im:
+        im.save(out, pnginfo=info)
+    return out
+
+
 def test_from_png_replays_the_recorded_dtypes_not_a_new_choice(first, env, tmp_path):
     path, _ = first
     chosen = {"transformer": "bfloat16", "vae": "float32", "text_encoders": "bfloat16"}
-    info = PngInfo()
-    for key, value in {**text_of(path), "dtypes": json.dumps(chosen)}.items():
-        info.add_text(key, value)
-    forged = tmp_path / "forged.png"
-    with Image.open(path) as im:
-        im.save(forged, pnginfo=info)
+    forged = forge(path, tmp_path / "forged.png", dtypes=json.dumps(chosen))
     proc = run_cli(["generate", "--from-png", forged, "-o", tmp_path / "replayed.png"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(text_of(tmp_path / "replayed.png")["dtypes"]) == chosen
@@ -141,6 +146,26 @@ def test_from_png_replays_the_recorded_dtypes_not_a_new_choice(first, env, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(text_of(tmp_path / "f32.png")["dtypes"]).values()) == {"float32"}
     np.testing.assert_array_equal(pixels(tmp_path / "f32.png"), pixels(path))
+
+
+def test_from_png_replays_the_recorded_kernels(first, env, tmp_path):
+    path, _ = first
+    # int8-dynamic, made where the timings chose the other way from this machine's: its kernels are replayed
+    for attention, products in (("by-head", "dequant"), ("sdpa", "int_mm")):
+        kernels = {"attention": attention, "int8_products": products}
+        forged = forge(path, tmp_path / "forged.png", quantize="int8-dynamic", kernels=json.dumps(kernels))
+        proc = run_cli(["generate", "--from-png", forged, "-o", tmp_path / "replayed.png", "--overwrite"], tmp_path,
+                       env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(text_of(tmp_path / "replayed.png")["kernels"]) == kernels
+    forged = forge(path, tmp_path / "bad.png", kernels=json.dumps({"attention": "flash"}))
+    proc = run_cli(["generate", "--from-png", forged, "-o", tmp_path / "no.png"], tmp_path, env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "bad recipe value for kernels" in proc.stderr and "attention must be one of sdpa, by-head" in proc.stderr
+    forged = forge(path, tmp_path / "bad.png", kernels=json.dumps({"int8_products": "dequant"}))
+    proc = run_cli(["generate", "--from-png", forged, "-o", tmp_path / "no.png"], tmp_path, env)
+    assert proc.returncode == 2 and "quantize='int8-dynamic' only" in proc.stderr, proc.stderr
+    assert not (tmp_path / "no.png").exists()
 
 
 def test_from_png_overrides_and_numbered_outputs(first, env, tmp_path):

@@ -50,3 +50,34 @@ def test_int8_dynamic_attends_head_by_head_where_that_is_faster(monkeypatch, fas
     assert pipe.transformer.attention is (attention_by_head if faster else attention)
     assert load("shapes", quantize="int8", blocks="memory").transformer.attention is attention
     assert psnr(render(pipe).images, render(load("shapes")).images) >= 30
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_given_kernels_are_used_whatever_this_machines_timings_say(monkeypatch, fast):
+    # a replayed recipe's kernels: the probes here answer one way, the recipe was made where they answered the other
+    def probes(answer: bool) -> None:
+        monkeypatch.setattr(quantize, "attention_by_head_is_faster", lambda device: answer)
+        monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", answer)
+
+    def choice(answer: bool) -> dict:
+        return {"attention": "by-head" if answer else "sdpa", "int8_products": "int_mm" if answer else "dequant"}
+
+    probes(fast)
+    probed = load("shapes", quantize="int8-dynamic", blocks="memory")
+    replayed = load("shapes", quantize="int8-dynamic", blocks="memory", kernels=choice(not fast))
+    assert probed.kernels == choice(fast) and replayed.kernels == choice(not fast)
+    here, replay = render(probed).images, render(replayed).images
+    probes(not fast)
+    there = render(load("shapes", quantize="int8-dynamic", blocks="memory")).images
+    assert np.array_equal(replay, there) and not np.array_equal(replay, here)
+    assert load("shapes").kernels == {"attention": "sdpa"}
+
+
+@pytest.mark.parametrize("kernels, message", [
+    ({"attention": "flash"}, "attention must be one of sdpa, by-head"),
+    ({"speed": "max"}, "unknown kernel choice 'speed'"),
+    ({"int8_products": "int_mm"}, "int8_products is a choice of quantize='int8-dynamic' only"),
+])
+def test_bad_kernels_are_refused(kernels, message):
+    with pytest.raises(ValueError, match=message):
+        load("shapes", kernels=kernels)

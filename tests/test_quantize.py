@@ -119,11 +119,12 @@ def test_int8_weight_only_matches_dequantized_matmul(monkeypatch, kernel):
         monkeypatch.setattr(quantize, "_INT8PACK_MM", None)
     lin = random_linear()
     q = QuantizedLinear.from_linear(lin, "int8")
-    x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2))  # 8 rows: the packed kernel's limit
+    rows = quantize.INT8PACK_MAX_ROWS[torch.float32]  # the packed kernel's limit
+    x = torch.randn(1, rows, 64, generator=torch.Generator().manual_seed(2))
     assert q.kernel_for(x) == kernel
     with torch.no_grad():
         out, expected, float_out = q(x), F.linear(x, q.dequantized_weight(), lin.bias), lin(x)
-        assert out.shape == (2, 4, 48) and out.dtype == torch.float32
+        assert out.shape == (1, rows, 48) and out.dtype == torch.float32
         assert rel(out, expected) < 1e-6
         assert rel(out, float_out) < 0.02  # measured 0.6%
         q.weight_scale = q.weight_scale.flip(0)  # the same bound catches a scale applied to the wrong rows
@@ -150,7 +151,7 @@ def test_int8_activations_stay_float_where_int8_products_are_slow(monkeypatch):
     lin = random_linear()
     q = QuantizedLinear.from_linear(lin, "int8", activations="int8")
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
-    assert q.kernel_for(x) == "dequant" and q.kernel_for(x[:4]) == "int8pack"
+    assert q.kernel_for(x) == "dequant" and q.kernel_for(x[:1]) == "int8pack"
     with torch.no_grad():
         assert rel(q(x), F.linear(x, q.dequantized_weight(), lin.bias)) < 1e-6
         assert rel(q(x), lin(x)) < 0.02
@@ -215,9 +216,41 @@ def test_int_mm_shape_limits_fall_back_to_weight_only(rows, k, n):
     q = QuantizedLinear.from_linear(lin, "int8", activations="int8")
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(4))
     # the packed weight-only kernel's time grows with every row: past a few rows the weight is dequantised
-    assert q.kernel_for(x) == ("int8pack" if rows <= quantize.INT8PACK_MAX_ROWS else "dequant")
+    assert q.kernel_for(x) == ("int8pack" if rows <= quantize.INT8PACK_MAX_ROWS[torch.float32] else "dequant")
     with torch.no_grad():
         assert rel(q(x), F.linear(x, q.dequantized_weight(), lin.bias)) < 1e-6
+
+
+def test_packed_kernel_serves_more_rows_in_bfloat16():
+    q = QuantizedLinear.from_linear(random_linear(), "int8")
+    for dtype, rows in quantize.INT8PACK_MAX_ROWS.items():
+        assert q.kernel_for(torch.zeros(rows, 64, dtype=dtype)) == "int8pack"
+        assert q.kernel_for(torch.zeros(rows + 1, 64, dtype=dtype)) == "dequant"
+    assert quantize.INT8PACK_MAX_ROWS[torch.bfloat16] > quantize.INT8PACK_MAX_ROWS[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_dequantize_into_gives_torchs_values_for_every_code(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    scale = torch.empty(16).uniform_(1e-4, 10, generator=torch.Generator().manual_seed(0))
+    expected = dequantize_weight(codes, scale)
+    out = quantize.dequantize_into(torch.full((16, 16), float("nan")), codes, scale)
+    if dtype == torch.float8_e4m3fn:  # its two NaN codes (0x7f, 0xff) read as +-480, documented
+        nan = expected.isnan()
+        assert torch.equal(out[nan], torch.tensor([480.0, -480.0]) * scale[[7, 15]])
+        out, expected = out[~nan], expected[~nan]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)  # e5m2 keeps its inf and NaN
+
+
+@pytest.mark.parametrize("weights", ["int8", "float8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequant_kernel_equals_a_matmul_by_the_dequantized_weight(weights, dtype):
+    lin = random_linear()
+    q = QuantizedLinear.from_linear(lin, weights)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    assert q.kernel_for(x) == "dequant"
+    with torch.no_grad():
+        assert torch.equal(q(x), F.linear(x, q.dequantized_weight(dtype), lin.bias.to(dtype)))
 
 
 def test_float8_matches_dequantized_matmul():

@@ -27,7 +27,7 @@ from .recipe import INPUTS, RECIPE_FIELDS, VERSION_KEY
 # how the model is loaded and run: the command line's for the whole batch (one batch is one model). A line (a PNG's
 # recipe, say) may name the batch's model and LoRAs; anything else about the model in a line is left alone.
 MODEL_KEYS = ("vae", "text_encoders", "clip", "t5", "tokenizers", "comfyui_models", "kind", "dtype", "dtypes",
-              "quantize", "device", "blocks", "compile", "cache_dir")
+              "kernels", "quantize", "device", "blocks", "compile", "cache_dir")
 # what a PNG recipe carries beside its settings: read and left alone
 RECORDED = ("model_name", "model_hash", VERSION_KEY, "Software", "parameters", "redux_images", "redux_model",
             "siglip")

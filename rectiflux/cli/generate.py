@@ -266,7 +266,7 @@ def load_pipeline(req: Request, device: Any) -> Any:
         return load(req.model, dtype=req.dtypes or req.dtype, device=device, compile=req.compile,
                     quantize=req.quantize, blocks=req.blocks, vae=req.vae, text_encoders=req.text_encoders,
                     kind=req.kind, clip=req.clip, t5=req.t5, tokenizers=req.tokenizers,
-                    comfyui_models=req.comfyui_models)
+                    comfyui_models=req.comfyui_models, kernels=req.kernels)
     except OSError as e:  # a missing or unreadable model file is the user's input too (ValueErrors already are)
         raise UsageError(f"cannot load the model {req.model}: {one_line(e)}") from None
 

@@ -80,6 +80,7 @@ class Request:
     keep_reference_size: bool = False
     loras: list[tuple[str, float]] = field(default_factory=list)  # (absolute path, scale)
     dtypes: dict[str, str] | None = None  # what each model computed in (what dtype "auto" chose), replayed
+    kernels: dict[str, str] | None = None  # a recipe's kernels (FluxPipeline.kernels where it was made), replayed
     compile: bool = False
 
     def input_files(self) -> dict[str, str]:
@@ -123,6 +124,21 @@ def _dtypes(text: str) -> dict[str, str]:
     return value
 
 
+def _kernels(text: str) -> dict[str, str]:
+    from ..pipelines.load import check_kernels
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text[:40]!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object of kernel choices")
+    try:
+        return check_kernels(value, "int8-dynamic")  # whether the recipe's quantize allows them: load checks
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _choice(choices) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -139,7 +155,8 @@ RECIPE_FIELDS: dict[str, Callable[[str], Any]] = {
     "model": str, "model_name": str, "model_hash": str, "kind": _choice(KINDS), "vae": str, "text_encoders": str,
     "clip": str, "t5": str, "tokenizers": str, "comfyui_models": str,
     "image": str, "mask": str, "control_image": str, "redux_images": _json_list, "redux_model": str, "siglip": str,
-    "dtypes": _dtypes, "quantize": str, "cache": cache_type, "keep_reference_size": _choice(("true",)), "loras": _loras,
+    "dtypes": _dtypes, "kernels": _kernels, "quantize": str, "cache": cache_type,
+    "keep_reference_size": _choice(("true",)), "loras": _loras,
     VERSION_KEY: str,
 }
 
@@ -203,7 +220,9 @@ def make_request(args: argparse.Namespace, recipe: dict[str, Any]) -> Request:
                   num_images=num_images, model=model_argument(model),
                   true_cfg=pick("true_cfg", 1.0), dtype=pick("dtype"), quantize=pick("quantize"), cache=pick("cache"),
                   blocks=args.blocks, device=args.device, compile=bool(getattr(args, "compile", False)),
-                  dtypes=recipe.get("dtypes") if args.dtype is None else None, kind=pick("kind"), vae=pick("vae"),
+                  dtypes=recipe.get("dtypes") if args.dtype is None else None,
+                  kernels=recipe.get("kernels") if getattr(args, "quantize", None) is None else None,
+                  kind=pick("kind"), vae=pick("vae"),
                   text_encoders=pick("text_encoders"), clip=pick("clip"), t5=pick("t5"),
                   tokenizers=pick("tokenizers"), comfyui_models=pick("comfyui_models"), steps=pick("steps"),
                   guidance=pick("guidance"),
@@ -288,7 +307,8 @@ def recipe_text(req: Request, seed: int, pipe: Any, model_hash: str) -> dict[str
     if req.redux_images:
         text["redux_images"] = json.dumps(req.redux_images)
     text.update(true_cfg=repr(float(req.true_cfg)), max_sequence_length=str(req.max_sequence_length),
-                dtype=req.dtype, dtypes=json.dumps(req.dtypes, sort_keys=True), model=_model_file(req, pipe),
+                dtype=req.dtype, dtypes=json.dumps(req.dtypes, sort_keys=True),
+                kernels=json.dumps(pipe.kernels, sort_keys=True), model=_model_file(req, pipe),
                 model_name=str(pipe.name), model_hash=model_hash,
                 kind=pipe.kind, device=str(pipe.device), Software=f"{PROG} {__version__}")
     for name in (*SOURCES, "redux_model", "siglip", "quantize"):

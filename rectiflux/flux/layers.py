@@ -235,6 +235,10 @@ def attention_by_head(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None
     return out.flatten(2).to(out_dtype)
 
 
+# the transformer's attention functions by the names a recipe records (`Flux.attention`, `load(kernels=...)`)
+ATTENTIONS = {"sdpa": attention, "by-head": attention_by_head}
+
+
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """(B, L, 3*hidden) -> views q, k, v, each (B, L, H, D)."""
     return qkv.unflatten(-1, (3, num_heads, -1)).unbind(dim=2)

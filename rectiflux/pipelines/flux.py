@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import images as im
 from .. import runtime
 from ..flux.autoencoder import AutoEncoder
+from ..flux.layers import ATTENTIONS
 from ..flux.text_encoders import MAX_T5_LENGTH, TextEncoders
 from ..flux.transformer import Flux
 from ..progress import progress_bar
@@ -180,6 +181,20 @@ class FluxPipeline:
         return {"transformer": self.transformer.dtype,
                 "vae": self.autoencoder.decoder.conv_in.weight.dtype,
                 "text_encoders": self.text_encoders.t5.dtype}
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """The kernel choices that change pixels and that this machine's timings make (`load(kernels=...)` fixes
+        them): the transformer's attention and, with int8-dynamic, how its int8 products run (known once its
+        blocks are read: with blocks="lazy", after the first generation)."""
+        from ..quantize.linear import int8_products
+
+        attention = getattr(self.transformer, "attention", None)
+        names = [name for name, function in ATTENTIONS.items() if attention is function]
+        kernels = {"attention": names[0]} if names else {}  # none for a function set by hand
+        if (products := int8_products(self.transformer)) is not None:
+            kernels["int8_products"] = products
+        return kernels
 
     @property
     def interrupt(self) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..flux.config import FluxConfig
+from ..flux.layers import ATTENTIONS
 from ..flux.text_encoders import TextEncoders
 from ..sampling.schedule import SchedulerConfig
 from ..weights.autoencoder import load_autoencoder
@@ -201,13 +202,30 @@ def component_dtypes(dtype: torch.dtype | str | Mapping[str, torch.dtype | str] 
     return dict.fromkeys(COMPONENTS, parse_dtype(dtype))
 
 
+def check_kernels(kernels: Mapping[str, str] | None, quantize: str | None) -> dict[str, str]:
+    """`load`'s `kernels`, checked (ValueError naming what is wrong)."""
+    from ..quantize.linear import INT8_PRODUCTS
+
+    choices = {"attention": tuple(ATTENTIONS), "int8_products": INT8_PRODUCTS}
+    kernels = dict(kernels or {})
+    for name, value in kernels.items():
+        if name not in choices:
+            raise ValueError(f"unknown kernel choice {name!r}; use {' or '.join(choices)}")
+        if value not in choices[name]:
+            raise ValueError(f"{name} must be one of {', '.join(choices[name])}, got {value!r}")
+    if "int8_products" in kernels and quantize != "int8-dynamic":
+        raise ValueError("int8_products is a choice of quantize='int8-dynamic' only")
+    return kernels
+
+
 def load(source: str | os.PathLike | None = None,
          dtype: torch.dtype | str | Mapping[str, torch.dtype | str] | None = torch.float32,
          device: str | torch.device = "cpu", vae: str | os.PathLike | None = None,
          text_encoders: str | os.PathLike | None = None, quantize: str | None = None,
          blocks: str = "lazy", kind: str | None = None, *, clip: str | os.PathLike | None = None,
          t5: str | os.PathLike | None = None, tokenizers: str | os.PathLike | None = None,
-         comfyui_models: str | os.PathLike | None = None, compile: bool | str = False) -> FluxPipeline:
+         comfyui_models: str | os.PathLike | None = None, compile: bool | str = False,
+         kernels: Mapping[str, str] | None = None) -> FluxPipeline:
     """Load a whole pipeline.
 
     `source` is a diffusers-layout folder, a BFL transformer .safetensors (or .gguf) file, an all-in-one
@@ -234,10 +252,14 @@ def load(source: str | os.PathLike | None = None,
     CUDA; else float32), or a mapping {"transformer", "vae", "text_encoders"} -> dtype (`pipe.dtypes` says what
     ran). `compile=True` compiles the transformer's blocks with torch.compile (rectiflux.runtime.compile; on CUDA
     with CUDA graphs), a string names torch.compile's mode.
+    `kernels` fixes the choices that this machine's timings make otherwise and that change pixels (`pipe.kernels`
+    says what ran; a replayed recipe passes what it records): {"attention": "sdpa" or "by-head"} and, with
+    int8-dynamic, {"int8_products": "int_mm" or "dequant"}.
     """
     from .flux import check_device
 
     device = check_device(device)
+    kernels = check_kernels(kernels, quantize)
     component_dtypes(dtype if dtype != "auto" else None, device)  # refuses a bad dtype before any file is read
     if blocks not in BLOCK_MODES:
         raise ValueError(f"unknown blocks mode {blocks!r}; use one of {', '.join(BLOCK_MODES)}")
@@ -250,7 +272,8 @@ def load(source: str | os.PathLike | None = None,
         if blocks == "stream":
             raise ValueError("quantize with blocks='stream' would quantise every block at every step; convert the "
                              "checkpoint once with rectiflux.quantize.quantize_file and stream that")
-        prepare = block_quantizer(*QUANTIZE_MODES[quantize])
+        products = kernels.get("int8_products")
+        prepare = block_quantizer(*QUANTIZE_MODES[quantize], int_mm=None if products is None else products == "int_mm")
     tree = ComfyUIModels(comfyui_models) if comfyui_models is not None else None
     path, tree = _transformer_source(source, tree)
     pipeline_class, folder, parts = None, None, {}
@@ -363,7 +386,10 @@ def load(source: str | os.PathLike | None = None,
     if quantize == "int8-dynamic":
         from ..quantize.linear import use_int8_dynamic_attention
 
-        use_int8_dynamic_attention(pipe.transformer)
+        if "attention" not in kernels:
+            use_int8_dynamic_attention(pipe.transformer)
+    if "attention" in kernels:
+        pipe.transformer.attention = ATTENTIONS[kernels["attention"]]
     if compile:
         from ..runtime.compile import compile_blocks
 

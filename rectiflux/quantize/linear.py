@@ -53,8 +53,10 @@ try:  # a CPU (and MPS) kernel added in torch 2.3; looked up once so the tests c
     _INT8PACK_MM = torch.ops.aten._weight_int8pack_mm
 except (AttributeError, RuntimeError):
     _INT8PACK_MM = None
-_INT8PACK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INT8PACK_MAX_ROWS = 8
+# The most rows `_weight_int8pack_mm` serves, by activation dtype. Its time grows with every row, while dequantising
+# costs the same for any count; with float32 or float16 activations it is a row-by-row loop that only wins for one
+# row, in bfloat16 it stays ahead for a few dozen (python -m benchmarks.kernels; docs/architecture.md).
+INT8PACK_MAX_ROWS = {torch.float32: 1, torch.float16: 1, torch.bfloat16: 24}
 _INT_MM = getattr(torch, "_int_mm", None)
 _SCALED_MM = getattr(torch, "_scaled_mm", None)
 # None: measured on first use (int8_matmul_is_fast); True / False: decided (tests set it)
@@ -169,6 +171,28 @@ def quantize_tokens(x: Tensor, scratch: bool = False) -> tuple[Tensor, Tensor]:
     return _SCRATCH.get("codes", x.shape, torch.int8, x.device).copy_(codes), scale
 
 
+def dequantize_into(out: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """`out` (float32, the weight's shape) set to weight * scale per row: the values of `dequantize_weight`.
+
+    torch converts int8 times float32 in its slow mixed-dtype loop and float8 to float32 one value at a time
+    (`python -m benchmarks.kernels` times both against this), so the codes are widened into `out` first and scaled in
+    place, and float8 codes are widened through float16, whose bits they fit: e5m2 is float16's top byte, and e4m3fn's
+    exponent and mantissa shifted into float16's read 2^8 times too small, for subnormals too (the factor goes into
+    the scale; multiplying by a power of two is exact). e4m3fn's two NaN codes read as +-480; quantised weights never
+    hold them.
+    """
+    if weight.dtype in FLOAT8_DTYPES:
+        bits = _SCRATCH.get("float16_bits", tuple(weight.shape), torch.int16, weight.device)
+        bits.copy_(weight.view(torch.int8))  # sign-extended: the sign lands in bits 8..15
+        if weight.dtype == torch.float8_e5m2:
+            bits.bitwise_left_shift_(8)
+        else:  # sign to bit 15 (bit 14, the sign's second copy, cleared), exponent and mantissa to bits 7..13
+            bits.bitwise_left_shift_(7).bitwise_and_(~(1 << 14))
+            scale = scale * 256.0
+        weight = bits.view(torch.float16)
+    return out.copy_(weight).mul_(scale.float()[:, None])
+
+
 class QuantizedLinear(nn.Module):
     """An inference-only `nn.Linear` whose weight is int8 or float8 e4m3 with a float32 scale per output channel.
 
@@ -182,6 +206,9 @@ class QuantizedLinear(nn.Module):
         check_format(weights, activations)
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
+        # with int8 activations on the CPU: whether products run on `_int_mm` (None: `int8_matmul_is_fast` says; a
+        # replayed recipe fixes it, through block_quantizer)
+        self.int_mm: bool | None = None
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=WEIGHT_DTYPES[weights],
                                                    device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
@@ -224,13 +251,12 @@ class QuantizedLinear(nn.Module):
             # for a handful of rows the weight-only kernel is the better one anyway.
             if (self.activations == "int8" and _INT_MM is not None and x.device.type in ("cpu", "cuda")
                     and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
-                    and (x.device.type == "cuda" or int8_matmul_is_fast())):
+                    and (x.device.type == "cuda" or (int8_matmul_is_fast() if self.int_mm is None else self.int_mm))):
                 return "int_mm"
-            # _weight_int8pack_mm's time grows with every row while dequantising costs the same for any count
-            # (python -m benchmarks.kernels), so it is only the kernel for a few rows: the modulations' single
-            # row, decoding-like calls. Not in a compiled graph: inductor (torch 2.13) fails to lower it there.
-            if (_INT8PACK_MM is not None and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES
-                    and m <= INT8PACK_MAX_ROWS and not torch.compiler.is_compiling()):
+            # only for a few rows (the modulations' one row per image): see INT8PACK_MAX_ROWS. Not in a compiled
+            # graph: inductor (torch 2.13) fails to lower it there.
+            if (_INT8PACK_MM is not None and x.device.type == "cpu" and m <= INT8PACK_MAX_ROWS.get(x.dtype, 0)
+                    and not torch.compiler.is_compiling()):
                 return "int8pack"
         return "dequant"
 
@@ -274,13 +300,15 @@ class QuantizedLinear(nn.Module):
                 y = y + self.bias.to(x.dtype)
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            if not scratch or x.dtype != torch.float32:
+            if not scratch:
                 weight = self.dequantized_weight(x.dtype)
-            else:  # into a reused tensor: under a streamed model's pinned heap (rectiflux.heap) a fresh one
-                # per call would fault in every page of it. Widened first, then scaled in place: int8 x float32
-                # runs torch's slow mixed-dtype loop (python -m benchmarks.kernels), and float8 does not promote
-                weight = _SCRATCH.get("weight", tuple(self.weight.shape), torch.float32, x.device)
-                weight.copy_(self.weight).mul_(self.weight_scale[:, None])
+            else:  # into reused tensors: under a streamed model's pinned heap (rectiflux.heap) a fresh one per call
+                # would fault in every page of it. Computed in float32 and rounded once, as dequantized_weight does
+                shape = tuple(self.weight.shape)
+                weight = dequantize_into(_SCRATCH.get("weight", shape, torch.float32, x.device), self.weight,
+                                         self.weight_scale)
+                if x.dtype != torch.float32:
+                    weight = _SCRATCH.get("weight", shape, x.dtype, x.device).copy_(weight)
             y = F.linear(x2d, weight, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -341,9 +369,11 @@ def set_activations(model: nn.Module, activations: str | None) -> nn.Module:
     return model
 
 
-def block_quantizer(weights: str = "int8", activations: str | None = None) -> Callable[[nn.Module], None]:
+def block_quantizer(weights: str = "int8", activations: str | None = None,
+                    int_mm: bool | None = None) -> Callable[[nn.Module], None]:
     """A `prepare` for load_transformer: quantises each block's linears as soon as the block is read, so a
-    float checkpoint is quantised while it loads (peak: the quantised model plus one float block).
+    float checkpoint is quantised while it loads (peak: the quantised model plus one float block). `int_mm` fixes
+    how int8 activations multiply on the CPU (`QuantizedLinear.int_mm`; None: this CPU's speed decides).
 
     With int8 activations the blocks' attention runs in bfloat16 where the CPU has bf16 kernels (AVX512-BF16 or
     AMX, where it is faster than float32: python -m benchmarks.kernels) and on GPUs: the int8 path is lossy
@@ -353,6 +383,8 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
 
     def prepare(block: nn.Module) -> None:
         quantize_linears(block, "", weights, activations, ())
+        for linear in _int8_activation_linears(block):
+            linear.int_mm = int_mm
         if activations == "int8":
             int8_matmul_is_fast()  # measured now, not inside a compiled block's first call
             device = next(block.parameters()).device
@@ -360,6 +392,24 @@ def block_quantizer(weights: str = "int8", activations: str | None = None) -> Ca
                 block.attention_dtype = torch.bfloat16
 
     return prepare
+
+
+INT8_PRODUCTS = ("int_mm", "dequant")
+
+
+def _int8_activation_linears(model: nn.Module) -> list[QuantizedLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.activations == "int8"]
+
+
+def int8_products(model: nn.Module) -> str | None:
+    """How the CPU multiplies `model`'s int8-activation linears: "int_mm" (int8 x int8) or "dequant" (the weights
+    dequantised, the activations left float, where `_int_mm` is slow); None without such linears (blocks="lazy"
+    reads and quantises its blocks at their first use)."""
+    linears = _int8_activation_linears(model)
+    if not linears:
+        return None
+    int_mm = linears[0].int_mm
+    return INT8_PRODUCTS[0] if (int8_matmul_is_fast() if int_mm is None else int_mm) else INT8_PRODUCTS[1]
 
 
 def use_int8_dynamic_attention(model: Flux) -> Flux:

@@ -5,7 +5,7 @@ comments quote for kernel choices.
 
 Prints GFLOP/s of float32, bfloat16 and int8 x int8 (`torch._int_mm`, and FBGEMM's dynamic linear) matrix
 products at FLUX shapes, the weight-only int8 kernel (`aten._weight_int8pack_mm`) against dequantising the weight
-for float32 and bfloat16 activations, float8 weights dequantised,
+for float32, float16 and bfloat16 activations, float8 weights dequantised,
 a 3x3 convolution, attention (SDPA in float32 and bfloat16, and int8-dynamic's head-by-head bfloat16 products),
 what the probes (`dtype="auto"`'s, the int8 and the attention one) choose and how long they take,
 and what writing into a fresh large tensor costs against writing into an existing one (page faults).
@@ -134,7 +134,7 @@ def main() -> None:
     print("weight-only int8, 9216 x 3072 weight, ms by rows of input: packed kernel / dequantise + matmul "
           "(quantize.INT8PACK_MAX_ROWS)")
     wi, scale = torch.randint(-127, 128, (9216, 3072), dtype=torch.int8), torch.rand(9216)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         print(f"  {str(dtype).removeprefix('torch.')} activations: " + ", ".join(
             "{}: {:.1f} / {:.1f}".format(rows, *weight_only_ms(torch.randn(rows, 3072).to(dtype), wi, scale))
             for rows in (1, 2, 8, 24, 64)))

@@ -402,14 +402,16 @@ def _int8_activation_linears(model: nn.Module) -> list[QuantizedLinear]:
 
 
 def int8_products(model: nn.Module) -> str | None:
-    """How the CPU multiplies `model`'s int8-activation linears: "int_mm" (int8 x int8) or "dequant" (the weights
-    dequantised, the activations left float, where `_int_mm` is slow); None without such linears (blocks="lazy"
-    reads and quantises its blocks at their first use)."""
+    """How `model`'s int8-activation linears multiply: "int_mm" (int8 x int8; always on CUDA) or "dequant" (the
+    weights dequantised, the activations left float, where the CPU's `_int_mm` is slow); None without such linears
+    (blocks="lazy" reads and quantises its blocks at their first use)."""
     linears = _int8_activation_linears(model)
     if not linears:
         return None
-    int_mm = linears[0].int_mm
-    return INT8_PRODUCTS[0] if (int8_matmul_is_fast() if int_mm is None else int_mm) else INT8_PRODUCTS[1]
+    linear = linears[0]
+    if linear.weight.device.type == "cuda":
+        return INT8_PRODUCTS[0]
+    return INT8_PRODUCTS[0] if (int8_matmul_is_fast() if linear.int_mm is None else linear.int_mm) else INT8_PRODUCTS[1]
 
 
 def use_int8_dynamic_attention(model: Flux) -> Flux:

@@ -168,6 +168,23 @@ def test_from_png_replays_the_recorded_kernels(first, env, tmp_path):
     assert not (tmp_path / "no.png").exists()
 
 
+def test_replaying_int8_products_a_cpu_runs_slowly_warns(first, tmp_path, monkeypatch, capsys):
+    import rectiflux.quantize.linear as quantize
+
+    path, _ = first
+    forged = forge(path, tmp_path / "forged.png", quantize="int8-dynamic",
+                   kernels=json.dumps({"attention": "sdpa", "int8_products": "int_mm"}))
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)  # as on an AVX2-only CPU
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert cli.main(["generate", "--from-png", str(forged), "-o", str(tmp_path / "slow.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: the recipe's int8 products ran on torch._int_mm" in err, err
+    assert json.loads(text_of(tmp_path / "slow.png")["kernels"])["int8_products"] == "int_mm"  # replayed anyway
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", True)
+    assert cli.main(["generate", "--from-png", str(forged), "-o", str(tmp_path / "fast.png")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_from_png_overrides_and_numbered_outputs(first, env, tmp_path):
     path, _ = first
     seed = int(text_of(path)["seed"])

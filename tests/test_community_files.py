@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from test_gguf import random_raw
 from test_pipeline import assert_close, generators
 from tiny_models import make_tiny_flux_folder
+from torch._dynamo.utils import counters
 
 from rectiflux.pipelines.load import load
 from rectiflux.quantize.gguf import GGMLType, GGUFLinear, quantize_to_raw, write_gguf
@@ -189,6 +190,25 @@ def test_gguf_blocks_read_in_any_mode_give_the_same_model(folder, tmp_path, bloc
     with torch.no_grad():
         assert torch.equal(lazy(*inputs), other(*inputs))
         assert torch.equal(lazy(*inputs), other(*inputs))  # a streamed block read again
+
+
+@pytest.mark.parametrize("kind", ["fp8", "gguf"])
+def test_fp8_and_gguf_files_compile_to_their_eager_images(folder, tmp_path, kind):
+    state = load_transformer(folder).state_dict()
+    if kind == "gguf":
+        file = tmp_path / "t.gguf"
+        gguf_file(state, file)  # a mix of quantised types: one graph per block layout of types
+    else:
+        file = tmp_path / "fp8.safetensors"
+        save_file({k: v.contiguous() for k, v in scaled_fp8(state)[0].items()}, file)
+    eager = ours_image(load(file, vae=folder / "vae", text_encoders=folder))
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = load(file, vae=folder / "vae", text_encoders=folder, compile=True)
+    assert np.abs(ours_image(pipe) - eager).max() < 1e-5  # the dequantisers traced and fused, the same values
+    graphs = counters["stats"]["unique_graphs"]
+    assert counters["frames"]["ok"] == counters["frames"]["total"] == graphs  # every block layout compiled
+    assert np.abs(ours_image(pipe) - eager).max() < 1e-5 and counters["stats"]["unique_graphs"] == graphs
 
 
 def test_gguf_that_is_no_flux_transformer_is_refused_by_its_architecture(folder, tmp_path):

@@ -1,6 +1,7 @@
 """GGUF transformers of FLUX.1-dev's size on this machine: peak memory and time of one 256x256 denoising step.
 
-    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--workdir DIR] [--keep] [--out docs/bench-gguf.md]
+    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--dtypes float32,auto,auto+compile] [--workdir DIR] [--keep]
+                              [--out docs/bench-gguf.md]
 
 Writes a random transformer with FLUX.1-dev's config (19 double + 38 single blocks, hidden 3072, guidance
 embedder) as a GGUF file in city96's layout for each type: the blocks' linear weights in that type (random blocks
@@ -86,8 +87,13 @@ def measure(file: Path, dtype_name: str) -> dict:
     start = time.perf_counter()
     from rectiflux.runtime.kernels import fastest_dtypes
 
+    dtype_name, _, compiled = dtype_name.partition("+")
     dtype = fastest_dtypes("cpu", 3072)["transformer"] if dtype_name == "auto" else getattr(torch, dtype_name)
     model = load_transformer(file, blocks="lazy", dtype=dtype)
+    if compiled:  # "+compile": the blocks compiled as load(compile=True) does; the first call compiles
+        from rectiflux.runtime.compile import compile_blocks
+
+        compile_blocks(model)
     load_s = time.perf_counter() - start
     cfg = dev_config()
     g = torch.Generator().manual_seed(0)
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir")
     p.add_argument("--keep", action="store_true", help="keep the files (reused by the next run in --workdir)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench-gguf.md"))
-    p.add_argument("--dtypes", default="float32,auto", help="compute dtypes, each in its own process")
+    p.add_argument("--dtypes", default="float32,auto", help="compute dtypes, each in its own process; "
+                   "DTYPE+compile compiles the blocks (auto+compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-dtype", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(name, r, flush=True)
             steps = sorted(r["steps"])
-            compute = f"{dtype} ({r['dtype']})" if dtype == "auto" else dtype
+            compute = dtype.replace("auto", f"auto ({r['dtype']})").replace("+compile", ", compiled")
             rows.append(f"| {name} | {compute} | {size_mib / 1024:.2f} | {r['rss_mib'] / 1024:.2f} | "
                         f"{r['rss_mib'] / size_mib:.3f} | {r['load']:.2f} | {r['first']:.1f} | "
                         f"{steps[0]:.1f}-{steps[-1]:.1f} |")

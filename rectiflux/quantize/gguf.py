@@ -306,6 +306,7 @@ def dequantize(raw: Tensor, qtype: int, shape: Sequence[int], dtype: torch.dtype
 
 
 CHUNK_ELEMENTS = 1 << 22  # weights dequantised per product: 16 MB of float32
+COMPILED_CHUNK_ELEMENTS = 1 << 24  # the same in a compiled block
 
 
 class GGUFLinear(nn.Module):
@@ -347,7 +348,10 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        rows = max(1, CHUNK_ELEMENTS // self.in_features)
+        # compiled, the dequantiser fuses into one pass and the graph grows with every chunk (so does its compile
+        # time), in memory a few chunks live at once: larger chunks are the middle (figures: docs/benchmarks.md)
+        chunk = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else CHUNK_ELEMENTS
+        rows = max(1, chunk // self.in_features)
         if self.out_features <= rows:
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
         # A few thousand output rows at a time: a whole FLUX weight in float32 (up to 264 MB) and the dequantiser's

@@ -1,7 +1,7 @@
 """GGUF transformers of FLUX.1-dev's size on this machine: peak memory and time of one 256x256 denoising step.
 
-    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--dtypes float32,auto,auto+compile] [--workdir DIR] [--keep]
-                              [--out docs/bench-gguf.md]
+    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--dtypes float32,auto,auto+compile] [--compiled-chunk N]
+                              [--workdir DIR] [--keep] [--out docs/bench-gguf.md]
 
 Writes a random transformer with FLUX.1-dev's config (19 double + 38 single blocks, hidden 3072, guidance
 embedder) as a GGUF file in city96's layout for each type: the blocks' linear weights in that type (random blocks
@@ -76,8 +76,13 @@ def write_random_gguf(file: Path, qtype_name: str, seed: int = 0) -> int:
     return file.stat().st_size
 
 
-def measure(file: Path, dtype_name: str) -> dict:
+def measure(file: Path, dtype_name: str, compiled_chunk: int | None = None) -> dict:
     import torch
+
+    from rectiflux.quantize import gguf
+
+    if compiled_chunk is not None:  # weights per dequantised chunk in a compiled block, instead of the default
+        gguf.COMPILED_CHUNK_ELEMENTS = compiled_chunk
 
     from benchmarks.dev8bit import dev_config
     from rectiflux.runtime import generation
@@ -120,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "bench-gguf.md"))
     p.add_argument("--dtypes", default="float32,auto", help="compute dtypes, each in its own process; "
                    "DTYPE+compile compiles the blocks (auto+compile)")
+    p.add_argument("--compiled-chunk", type=int, help="weights per dequantised chunk in a compiled block "
+                   "(rectiflux.quantize.gguf.COMPILED_CHUNK_ELEMENTS)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-dtype", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(Path(args.child), args.child_dtype)))
+        print(json.dumps(measure(Path(args.child), args.child_dtype, args.compiled_chunk)))
         return 0
     from benchmarks.bench import machine
 
@@ -141,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes.split(","):
             with tempfile.TemporaryDirectory(prefix="inductor-", dir=work) as cache:
                 # compiled from nothing, as a user's first run is: torch caches compiled graphs across processes
+                chunk = [] if args.compiled_chunk is None else ["--compiled-chunk", str(args.compiled_chunk)]
                 out = subprocess.run([sys.executable, "-m", "benchmarks.gguf", "--child", str(file), "--child-dtype",
-                                      dtype], cwd=ROOT, env={**env, "TORCHINDUCTOR_CACHE_DIR": cache},
+                                      dtype, *chunk], cwd=ROOT, env={**env, "TORCHINDUCTOR_CACHE_DIR": cache},
                                      capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(name, r, flush=True)
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             file.unlink()
     when = datetime.now().astimezone().isoformat(timespec="seconds")
     lines = ["# GGUF transformers of FLUX.1-dev's size", "",
-             f"`python -m benchmarks.gguf --types {args.types} --dtypes {args.dtypes}`, {when}",
+             f"`python -m benchmarks.gguf --types {args.types} --dtypes {args.dtypes}"
+             + ("" if args.compiled_chunk is None else f" --compiled-chunk {args.compiled_chunk}") + f"`, {when}",
              "", *machine(os.cpu_count() or 1, "cpu", "float32")[:2],
              f"- one transformer call: {TOKENS_IMG} image tokens (256x256) + {TOKENS_TXT} T5 tokens, blocks read at "
              "first use, the weights dequantised to the compute dtype per product; peak RSS is the child's VmHWM "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench import cpu_features
 from rectiflux.flux import layers
-from rectiflux.flux.layers import attention, attention_by_head, split_qkv
+from rectiflux.flux.layers import attention, attention_by_head
 from rectiflux.quantize import linear as quantize
 from rectiflux.runtime import kernels
 
@@ -138,9 +138,7 @@ def main() -> None:
         print(f"  {str(dtype).removeprefix('torch.')} activations: " + ", ".join(
             "{}: {:.1f} / {:.1f}".format(rows, *weight_only_ms(torch.randn(rows, 3072).to(dtype), wi, scale))
             for rows in (1, 2, 8, 24, 64)))
-    # as the blocks hand them over: q and k fresh from RoPE, v a view into the qkv product
-    q, k, v = split_qkv(torch.randn(1, 1280, 3 * 24 * 128), 24)
-    q, k = q.contiguous(), k.contiguous()
+    q, k, v = kernels.blocks_qkv(torch.randn(1, 1280, 3 * 24 * 128), 24)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     exact = attention(q, k, v)
 
@@ -151,8 +149,7 @@ def main() -> None:
           f"SDPA bfloat16 {ms(lambda: attention(qb, kb, vb)):.1f} ({error(attention(qb, kb, vb))}), head by head "
           f"in bfloat16 (int8-dynamic) {ms(lambda: attention_by_head(qb, kb, vb)):.1f} "
           f"({error(attention_by_head(qb, kb, vb))})")
-    q, k, v = split_qkv(torch.randn(1, 4608, 3 * 2 * 128).bfloat16(), 2)  # a 1024 x 1024 image's tokens
-    q, k = q.contiguous(), k.contiguous()
+    q, k, v = kernels.blocks_qkv(torch.randn(1, 4608, 3 * 2 * 128).bfloat16(), 2)  # a 1024 x 1024 image's tokens
     chunked = ms(lambda: attention_by_head(q, k, v), 3)
     with mock.patch.object(layers, "SCORES_PER_PRODUCT", 4608 * 4608):
         whole = ms(lambda: attention_by_head(q, k, v), 3)

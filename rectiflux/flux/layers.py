@@ -211,8 +211,8 @@ def attention_by_head(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None
     SDPA's bfloat16 kernel runs little faster than in float32 while bfloat16 products run over twice as fast.
     Eagerly the query rows go in chunks whose scores stay in the caches; a compiled graph takes whole heads and the
     whole batch in each product, so that no sequence length or batch size recompiles it. The price is the scores'
-    rounding to bfloat16 (SDPA keeps them in float32): about twice SDPA's error (tests/test_transformer.py bounds
-    it), so no exact mode uses it.
+    rounding to bfloat16 (SDPA keeps them in float32): a larger error than SDPA's (tests/test_transformer.py bounds
+    it at three times), so no exact mode uses it.
     """
     if q.device.type != "cpu":  # a model moved to a GPU after loading: SDPA's fused kernels are the fast ones there
         return attention(q, k, v, dtype)

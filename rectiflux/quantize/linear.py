@@ -386,7 +386,8 @@ def block_quantizer(weights: str = "int8", activations: str | None = None,
         for linear in _int8_activation_linears(block):
             linear.int_mm = int_mm
         if activations == "int8":
-            int8_matmul_is_fast()  # measured now, not inside a compiled block's first call
+            if int_mm is None:
+                int8_matmul_is_fast()  # measured now, not inside a compiled block's first call
             device = next(block.parameters()).device
             if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 block.attention_dtype = torch.bfloat16

@@ -41,9 +41,8 @@ def best_seconds(fn: Callable[[], object], repeats: int = 3, give_up: float = fl
     about two hundred (`python -m benchmarks.kernels`): each is called once.
 
     `setup`, a tiny call of the same kernel, runs first and is not timed: the first call of a kernel in a process
-    sets up its library, which takes longer than the product being timed (`torch._int_mm`'s first call takes
-    several milliseconds on any shape, against a fraction of one for the probe's product), and judged by that call
-    a fast kernel would be given up as slow.
+    sets up its library, which can take longer than the product being timed (`torch._int_mm`'s does: figures in
+    docs/architecture.md), and judged by that call a fast kernel would be given up as slow.
     """
     if setup is not None:
         setup()
@@ -117,6 +116,15 @@ def fastest_dtypes(device: torch.device | str = "cpu", width: int = 3072) -> dic
         return dict(_chosen[key])
 
 
+def blocks_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v laid out as the blocks hand them to attention, from a (B, L, 3 * hidden) qkv product: q and k fresh
+    (contiguous) from RoPE, v a view into qkv. Attention kernels' times depend on those strides."""
+    from ..flux.layers import split_qkv
+
+    q, k, v = split_qkv(qkv, heads)
+    return q.contiguous(), k.contiguous(), v
+
+
 def attention_by_head_is_faster(device: torch.device | str = "cpu") -> bool:
     """Whether `rectiflux.flux.layers.attention_by_head` beats SDPA in bfloat16 on `device` (the int8-dynamic mode's
     attention), timed once per process on four heads of FLUX's head size over 1024 tokens, laid out as the blocks
@@ -127,15 +135,12 @@ def attention_by_head_is_faster(device: torch.device | str = "cpu") -> bool:
     global _by_head
     if torch.device(device).type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    from ..flux.layers import attention, attention_by_head, split_qkv
-
-    def blocks_qkv(tokens: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = split_qkv(_operand(1, tokens, 3 * heads * 128, dtype=torch.bfloat16), heads)
-        return q.contiguous(), k.contiguous(), v
+    from ..flux.layers import attention, attention_by_head
 
     with _lock:
         if _by_head is None:
-            qkv, tiny = blocks_qkv(1024, 4), blocks_qkv(16, 1)
+            qkv = blocks_qkv(_operand(1, 1024, 3 * 4 * 128, dtype=torch.bfloat16), 4)
+            tiny = blocks_qkv(_operand(1, 16, 3 * 128, dtype=torch.bfloat16), 1)
             with torch.no_grad():
                 fused = best_seconds(lambda: attention(*qkv), setup=lambda: attention(*tiny))
                 by_head = best_seconds(lambda: attention_by_head(*qkv), give_up=2 * fused,

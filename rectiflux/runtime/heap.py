@@ -93,9 +93,10 @@ def weights_in_their_own_mappings() -> Iterator[None]:
     """While reading weights that outlive the call, into a heap that keeps freed memory: each large tensor is its
     own mapping, as with glibc's thresholds.
 
-    Otherwise a lazily read block's weights are carved out of the freed memory the activations reuse, and the
-    float copy of a quantised block, freed once it is quantised, is split by the quantised weights placed in it:
-    every block then takes fresh memory (the int8 rows of `python -m benchmarks.bench` show the peak).
+    Otherwise a lazily read block's weights grow the heap, and the float copy of a quantised block, freed once it
+    is quantised, is split by the quantised weights placed after it: later blocks and activations take fresh
+    memory. glibc still serves a request from free memory already in the heap first, so how much this saves
+    depends on the heap's history (the int8 rows of `python -m benchmarks.bench` show the peak).
     """
     with _lock:
         keeping = _mode == "keep"

@@ -467,7 +467,8 @@ def machine(threads: int, device: str, dtype: str) -> list[str]:
     cpu, isa = cpu_features()
     return [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {mem_kb / 2**20:.1f} GiB RAM; "
             f"load average at start {load}; {isa}",
-            f"- {versions}, Python {sys.version.split()[0]}; {accelerate}",
+            f"- {versions}, Python {sys.version.split()[0]}; {accelerate}"
+            + (f"; GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}" if os.environ.get("GLIBC_TUNABLES") else ""),
             f"- threads: {threads} (torch.set_num_threads and OMP_NUM_THREADS), OMP_WAIT_POLICY=PASSIVE; "
             f"{dtype} on {device}, both sides"]
 

@@ -558,3 +558,45 @@ def test_lora_option_recipe_and_changed_file(model, env, tmp_path):
     proc = run_cli([*args, "--lora", "bad.safetensors", "-o", "bad.png"], tmp_path, env)
     assert proc.returncode == 2
     assert_one_error_line(proc.stderr, "no module of this pipeline takes: lora_unet_nowhere.lora_down.weight")
+
+
+glibc = pytest.mark.skipif(cli.environment_without_tcache({}) is None, reason="glibc's heap")
+
+
+@glibc
+def test_environment_without_tcache():
+    assert cli.environment_without_tcache({"HOME": "/root"}) == {"HOME": "/root", "GLIBC_TUNABLES": cli.TCACHE_OFF}
+    joined = cli.environment_without_tcache({"GLIBC_TUNABLES": "glibc.malloc.mxfast=0"})
+    assert joined == {"GLIBC_TUNABLES": f"glibc.malloc.mxfast=0:{cli.TCACHE_OFF}"}
+    assert cli.environment_without_tcache({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=3"}) is None  # the user's
+    assert cli.environment_without_tcache({"RECTIFLUX_KEEP_FREED_MEMORY": "0"}) is None
+
+
+@glibc
+def test_the_program_restarts_itself_so_that_freed_blocks_merge():
+    # a freed block then a new one of the same size, 8 times, in a heap that keeps freed memory: with glibc's
+    # per-thread cache each 64-byte-aligned block's small leftover keeps it apart, and the heap grows every time
+    code = textwrap.dedent("""
+        import os, sys
+        from rectiflux.cli import main
+        if "GLIBC_TUNABLES" not in os.environ:
+            main()  # as the program: replaces this process by the same command, so never returns
+            sys.exit("not restarted")
+        import torch
+        from rectiflux.runtime import heap
+        def resident_mib():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+        heap.keep_freed_memory("cpu")
+        before = resident_mib()
+        for _ in range(8):
+            block = torch.empty(8 << 20).fill_(1.0)  # 32 MiB
+            del block
+            torch.empty(8 << 20).fill_(1.0)
+        print(os.environ["GLIBC_TUNABLES"], resident_mib() - before)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RECTIFLUX_KEEP_FREED_MEMORY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tunables, growth = out.stdout.split()
+    assert tunables == cli.TCACHE_OFF
+    assert float(growth) < 64  # one block's 32 MiB, reused (with the cache: 8 blocks' worth)

@@ -22,7 +22,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import __version__
 from . import batch, generate, serve, train
@@ -81,8 +81,39 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
+
+
+def environment_without_tcache(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to start this program again in so that glibc runs without its per-thread cache, or None
+    where there is nothing to do: not glibc, RECTIFLUX_KEEP_FREED_MEMORY=0, or GLIBC_TUNABLES already sets it.
+
+    A generation keeps freed memory in glibc's heap (rectiflux.runtime.heap). torch's 64-byte-aligned blocks
+    leave a small free chunk behind each, and the cache holds those, so a freed block cannot merge with its freed
+    neighbours and the heap grows instead (figures: docs/benchmarks.md). glibc reads the switch only at start.
+    """
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    glibc = "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {}) and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    if not glibc or environ.get("RECTIFLUX_KEEP_FREED_MEMORY", "1") == "0" or "glibc.malloc.tcache_count" in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TCACHE_OFF}" if tunables else TCACHE_OFF}
+
+
+def _restart_without_tcache() -> None:
+    """Replace this process by the same command in `environment_without_tcache`, where that has anything to do."""
+    environ = environment_without_tcache(os.environ)
+    if environ is None or getattr(sys, "frozen", False) or not sys.executable:
+        return
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError:
+        pass  # the cache then stays on, which costs memory, not correctness
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rectiflux` script and of `python -m rectiflux`; returns the exit status."""
+    if argv is None:  # the program itself, not a caller in the same process
+        _restart_without_tcache()
     # OpenMP threads that spin while idle make a CPU shared with other work many times slower; sleeping costs
     # nothing measurable on an idle machine (docs/bench-omp.md). Only in effect if torch is not loaded yet.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -573,7 +573,7 @@ def test_environment_without_tcache():
 
 
 @glibc
-def test_the_program_restarts_itself_so_that_freed_blocks_merge():
+def test_the_program_restarts_itself_so_that_freed_blocks_merge(tmp_path):
     # a freed block then a new one of the same size, 8 times, in a heap that keeps freed memory: with glibc's
     # per-thread cache each 64-byte-aligned block's small leftover keeps it apart, and the heap grows every time
     code = textwrap.dedent("""
@@ -595,8 +595,14 @@ def test_the_program_restarts_itself_so_that_freed_blocks_merge():
         print(os.environ["GLIBC_TUNABLES"], resident_mib() - before)
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RECTIFLUX_KEEP_FREED_MEMORY")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    program = tmp_path / "rectiflux"  # the console script's name: other programs calling main() are not restarted
+    program.write_text(code)
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     tunables, growth = out.stdout.split()
     assert tunables == cli.TCACHE_OFF
     assert float(growth) < 64  # one block's 32 MiB, reused (with the cache: 8 blocks' worth)
+    program.rename(tmp_path / "notebook.py")
+    out = subprocess.run([sys.executable, str(tmp_path / "notebook.py")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode != 0 and "not restarted" in out.stderr

@@ -23,6 +23,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .. import __version__
 from . import batch, generate, serve, train
@@ -102,7 +103,10 @@ def environment_without_tcache(environ: Mapping[str, str]) -> dict[str, str] | N
 def _restart_without_tcache() -> None:
     """Replace this process by the same command in `environment_without_tcache`, where that has anything to do."""
     environ = environment_without_tcache(os.environ)
-    if environ is None or getattr(sys, "frozen", False) or not sys.executable:
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    # only the console script or `python -m rectiflux`: a notebook's kernel or `python -` must not start again
+    ours = script.name == PROG or (script.name == "__main__.py" and script.parent.name == "rectiflux")
+    if environ is None or not ours or getattr(sys, "frozen", False) or not sys.executable:
         return
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)

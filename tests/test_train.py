@@ -190,8 +190,9 @@ def test_two_processes_keep_the_same_weights(tmp_path):
         save_file(trainer.model.state_dict(), r"{tmp_path}/rank" + os.environ["RANK"] + ".safetensors")
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                    str(script)], check=True, env=env, capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     torch.manual_seed(0)
     start = AutoEncoder(TINY_AE).state_dict()
@@ -230,7 +231,7 @@ def test_bf16_autocast_step_runs(tmp_path):
 
 def test_train_command_runs_under_torchrun_and_exports_a_loadable_model(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                "-m", "rectiflux", "train", "--preset", "shapes", "--out", str(tmp_path / "run"), "--ae-steps", "2",
                "--flux-steps", "3", "--distill-steps", "1", "--batch-size", "4", "--bank-size", "8",
                "--checkpoint-every", "2", "--sample-every", "0"]

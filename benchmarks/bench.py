@@ -137,6 +137,17 @@ def build_folder(folder: Path, model: dict, device: str = "cpu", dtype: str = "f
     write_clip_tokenizer(folder / "tokenizer")  # vocab.json + merges.txt, as a real FLUX folder ships them
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM) in MiB: since it started, or since `reset_peak_rss`."""
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return int(hwm.split()[1]) / 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" sets VmHWM to the current resident size
+        f.write("5")
+
+
 def synchronize(device: str) -> None:
     import torch
 
@@ -286,9 +297,8 @@ def measure(side: str, folder: Path, cfg: dict, threads: int, out: Path) -> dict
     e2e_s = time.perf_counter() - start
     np.save(out / f"{side}-velocity.npy", velocity.float().cpu().numpy())
     np.save(out / f"{side}-image.npy", np.asarray(pixels))
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     result = {"import": [import_s], "load": [load_s], "first": [load_s + first_s], "step": step_s, "e2e": [e2e_s],
-              "rss": [int(hwm.split()[1]) / 1024]}
+              "rss": [peak_rss_mib()]}
     if device.startswith("cuda"):
         result["gpu"] = [torch.cuda.max_memory_allocated() / 2**20]
     return result

@@ -115,8 +115,9 @@ def measure(file: Path, blocks: str, calls: int) -> dict:
             start = time.perf_counter()
             out = model(**inputs)
             step_s.append(time.perf_counter() - start)
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return {"load": load_s, "steps": step_s, "rss_gib": int(hwm.split()[1]) / 2**20,
+    from benchmarks.bench import peak_rss_mib
+
+    return {"load": load_s, "steps": step_s, "rss_gib": peak_rss_mib() / 1024,
             "finite": bool(torch.isfinite(out).all())}
 
 

@@ -86,6 +86,7 @@ def measure(file: Path, dtype_name: str, compiled_chunk: int | None = None) -> d
     if compiled_chunk is not None:  # weights per dequantised chunk in a compiled block, instead of the default
         gguf.COMPILED_CHUNK_ELEMENTS = compiled_chunk
 
+    from benchmarks.bench import peak_rss_mib, reset_peak_rss
     from benchmarks.dev8bit import dev_config
     from rectiflux.runtime import generation
     from rectiflux.weights.transformer import load_transformer
@@ -121,16 +122,6 @@ def measure(file: Path, dtype_name: str, compiled_chunk: int | None = None) -> d
     assert torch.isfinite(out).all()
     return {"load": load_s, "first": times[0], "steps": times[1:], "rss_mib": max(peaks), "later_rss_mib": peaks[-1],
             "dtype": str(dtype).removeprefix("torch.")}
-
-
-def peak_rss_mib() -> float:
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return int(hwm.split()[1]) / 1024
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" sets VmHWM to the current resident size
-        f.write("5")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             compute = dtype.replace("auto", f"auto ({r['dtype']})").replace("+compile", ", compiled")
             rows.append(f"| {name} | {compute} | {size_mib / 1024:.2f} | {r['rss_mib'] / 1024:.2f} | "
                         f"{r['rss_mib'] / size_mib:.3f} | {r['later_rss_mib'] / size_mib:.3f} | {r['load']:.2f} | "
-                        f"{r['first']:.1f} | "
-                        f"{steps[0]:.1f}-{steps[-1]:.1f} |")
+                        f"{r['first']:.1f} | {steps[0]:.1f}-{steps[-1]:.1f} |")
         if not args.keep:
             file.unlink()
     when = datetime.now().astimezone().isoformat(timespec="seconds")

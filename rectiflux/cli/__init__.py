@@ -91,7 +91,8 @@ def environment_without_tcache(environ: Mapping[str, str]) -> dict[str, str] | N
 
     A generation keeps freed memory in glibc's heap (rectiflux.runtime.heap). torch's 64-byte-aligned blocks
     leave a small free chunk behind each, and the cache holds those, so a freed block cannot merge with its freed
-    neighbours and the heap grows instead (figures: docs/benchmarks.md). glibc reads the switch only at start.
+    neighbours and the heap grows instead (figures: docs/benchmarks.md). glibc reads the switch only at start,
+    so the program sets it for itself here, before anything imports torch (which rectiflux.runtime does).
     """
     tunables = environ.get("GLIBC_TUNABLES", "")
     glibc = "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {}) and bool(os.confstr("CS_GNU_LIBC_VERSION"))

@@ -120,6 +120,7 @@ def test_torchrun_shares_the_lines_and_a_killed_run_resumes(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.xdist_group("ray")  # one local Ray instance at a time
 def test_ray_data_makes_the_same_images(tmp_path):
     pytest.importorskip("ray", reason="Ray is the rectiflux[ray] extra (the test extra installs it)")
     lines = [f'{{"prompt": "a small green square at the top on a black background", "steps": {3 + i}}}'

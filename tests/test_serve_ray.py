@@ -21,7 +21,7 @@ from PIL import Image
 from rectiflux import cli
 
 PROMPT = "a large red circle on the left on a white background"
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one local Ray instance at a time
 
 
 def pixels(data: bytes) -> np.ndarray:

@@ -58,26 +58,15 @@ def gemm_rates(m: int, k: int, n: int) -> list[tuple[str, float]]:
 
 
 def fbgemm_rate(a: torch.Tensor, w: torch.Tensor, flop: float) -> list[tuple[str, float]]:
-    """FBGEMM's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, u8 x s8 with AVX2 kernels), a candidate
-    for int8 activations where `_int_mm` is slow. It takes one activation scale per call, so each token is first
-    divided by its own max|x| and the output multiplied back: per-token scales, as the int_mm path has. Empty where
-    torch was built without FBGEMM (its quantized tensors are deprecated in torch 2.13)."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            scale = w.abs().amax(1).double() / 127
-            qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(qw, None)
-    except (RuntimeError, AttributeError):
+    """int8-dynamic's ``fbgemm`` kernel (FBGEMM's dynamic int8 linear with per-token scales,
+    `QuantizedLinear.fbgemm_product`, its weight packed once), the int8 product of CPUs whose `_int_mm` is slow.
+    Empty where torch was built without FBGEMM."""
+    if not quantize._FBGEMM:
         return []
-
-    def product() -> torch.Tensor:
-        amax = a.abs().amax(1, keepdim=True)
-        return torch.ops.quantized.linear_dynamic(a / amax, packed, True) * amax
-
-    return [("int8 fbgemm per-token", flop / ms(product))]
+    linear = quantize.QuantizedLinear(w.shape[1], w.shape[0], bias=False, activations="int8")
+    linear.weight, linear.weight_scale = quantize.quantize_weight(w)
+    with torch.no_grad():
+        return [("int8 fbgemm per-token", flop / ms(lambda: linear.fbgemm_product(a, scratch=True)))]
 
 
 def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
@@ -114,6 +103,10 @@ def main() -> None:
     fast = quantize.int8_matmul_is_fast()
     print(f"int8 speed probe (rectiflux.quantize.int8_matmul_is_fast): {fast}, "
           f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+    start = time.perf_counter()
+    fbgemm = quantize.fbgemm_linear_is_fast()
+    print(f"FBGEMM int8 probe (rectiflux.quantize.linear.fbgemm_linear_is_fast; int8-dynamic's product where the first "
+          f"is False): {fbgemm}, {(time.perf_counter() - start) * 1e3:.0f} ms")
     start = time.perf_counter()
     chosen = {name: str(dtype).removeprefix("torch.") for name, dtype in kernels.fastest_dtypes("cpu", 3072).items()}
     print(f'dtype="auto" probe at FLUX.1\'s width (rectiflux.runtime.kernels.fastest_dtypes): {chosen}, '

@@ -7,6 +7,7 @@ import torch
 from tiny_models import make_tiny_flux_folder
 from torch._dynamo.utils import counters
 
+import rectiflux.quantize.linear as quantize
 from rectiflux.pipelines.load import load
 
 CALL = {"prompt": "a red circle", "num_inference_steps": 3, "guidance_scale": 3.5, "max_sequence_length": 16,
@@ -39,3 +40,17 @@ def test_compiled_int8_dynamic_blocks_in_bfloat16(folder):
     want = eager(height=32, width=32, **CALL).images
     got = pipe(height=32, width=32, **CALL).images
     assert np.abs(got - want).max() < 0.02  # bfloat16 rounding in fused kernels differs from eager's
+
+
+@pytest.mark.skipif(not quantize._FBGEMM, reason="this torch has no FBGEMM (x86 builds have it)")
+def test_compiled_blocks_run_fbgemm_products_as_eager_ones_do(folder, monkeypatch):
+    # int8-dynamic where _int_mm is slow (AVX2 only): FBGEMM's products run between the compiled graphs
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)
+    monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", True)
+    eager = load(folder, quantize="int8-dynamic")
+    pipe = load(folder, quantize="int8-dynamic", compile=True)
+    want = eager(height=32, width=32, **CALL).images
+    assert np.abs(pipe(height=32, width=32, **CALL).images - want).max() < 1e-5
+    assert eager.kernels["int8_products"] == pipe.kernels["int8_products"] == "fbgemm"  # blocks read by now
+    dequantised = load(folder, quantize="int8-dynamic", kernels={"int8_products": "dequant"})
+    assert np.abs(dequantised(height=32, width=32, **CALL).images - want).max() > 1e-4

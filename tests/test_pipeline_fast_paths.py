@@ -58,6 +58,7 @@ def test_given_kernels_are_used_whatever_this_machines_timings_say(monkeypatch, 
     def probes(answer: bool) -> None:
         monkeypatch.setattr(quantize, "attention_by_head_is_faster", lambda device: answer)
         monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", answer)
+        monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", False)
 
     def choice(answer: bool) -> dict:
         return {"attention": "by-head" if answer else "sdpa", "int8_products": "int_mm" if answer else "dequant"}
@@ -71,6 +72,17 @@ def test_given_kernels_are_used_whatever_this_machines_timings_say(monkeypatch, 
     there = render(load("shapes", quantize="int8-dynamic", blocks="memory")).images
     assert np.array_equal(replay, there) and not np.array_equal(replay, here)
     assert load("shapes").kernels == {"attention": "sdpa"}
+
+
+@pytest.mark.skipif(not quantize._FBGEMM, reason="this torch has no FBGEMM (x86 builds have it)")
+def test_fbgemm_products_make_an_image_close_to_float32s():
+    pipe = load("shapes", quantize="int8-dynamic", blocks="memory", kernels={"int8_products": "fbgemm"})
+    assert pipe.kernels["int8_products"] == "fbgemm"
+    image = render(pipe).images
+    dequantised = render(load("shapes", quantize="int8-dynamic", blocks="memory",
+                              kernels={"int8_products": "dequant"})).images
+    assert not np.array_equal(image, dequantised)  # the activations were quantised
+    assert psnr(image, render(load("shapes")).images) >= 30
 
 
 @pytest.mark.parametrize("kernels, message", [

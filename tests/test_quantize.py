@@ -148,6 +148,7 @@ def test_int8_activations_match_dequantized_inputs_and_weights():
 
 def test_int8_activations_stay_float_where_int8_products_are_slow(monkeypatch):
     monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)
+    monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", False)
     lin = random_linear()
     q = QuantizedLinear.from_linear(lin, "int8", activations="int8")
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
@@ -155,6 +156,50 @@ def test_int8_activations_stay_float_where_int8_products_are_slow(monkeypatch):
     with torch.no_grad():
         assert rel(q(x), F.linear(x, q.dequantized_weight(), lin.bias)) < 1e-6
         assert rel(q(x), lin(x)) < 0.02
+
+
+@pytest.mark.skipif(not quantize._FBGEMM, reason="this torch has no FBGEMM (x86 builds have it)")
+def test_fbgemm_products_scale_each_token_and_follow_changed_weights(monkeypatch):
+    # where _int_mm is slow (AVX2 only) and FBGEMM's dynamic linear is fast
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)
+    monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", True)
+    lin = random_linear()
+    q = QuantizedLinear.from_linear(lin, "int8", activations="int8")
+    g = torch.Generator().manual_seed(3)
+    # half the tokens a thousand times smaller: one scale for all of them would leave those few codes
+    x = torch.randn(40, 64, generator=g) * torch.tensor([1.0, 1e-3]).repeat(20)[:, None]
+    x[7] = 0
+    assert q.kernel_for(x) == "fbgemm" and q.kernel_for(x[:1]) == "int8pack"
+    with torch.no_grad():
+        out, exact = q(x), lin(x)
+        without_bias = out - lin.bias
+        for rows in (slice(0, None, 2), slice(1, None, 2)):  # large tokens, small tokens
+            assert rel(without_bias[rows], exact[rows] - lin.bias) < 0.03  # measured 1.4% and 1.4%
+        assert torch.allclose(out[7], lin.bias)
+        assert rel(out, quantize.QuantizedLinear.from_linear(lin, "int8")(x)) < 0.03
+        # the packed weight follows the module's weights: replaced (as a fused LoRA does), then written in place
+        q.weight, q.weight_scale = q.weight.flip(0), q.weight_scale.flip(0)
+        assert rel(q(x) - lin.bias, (exact - lin.bias).flip(1)) < 0.03
+        q.weight.neg_()
+        assert rel(q(x) - lin.bias, (lin.bias - exact).flip(1)) < 0.03
+    with torch.enable_grad():  # FBGEMM's ops have no gradients: an input that needs them is multiplied in float
+        assert q.kernel_for(x.requires_grad_()) == "dequant"
+
+
+def test_fbgemm_probe_measures_once(monkeypatch):
+    monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", None)
+    monkeypatch.setattr(quantize, "_FBGEMM", False)
+    assert quantize.fbgemm_linear_is_fast() is False
+    monkeypatch.setattr(quantize, "_FBGEMM", True)
+    assert quantize.fbgemm_linear_is_fast() is False  # answered once per process
+    monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)
+    assert quantize.cpu_int8_product() == "dequant"
+    if torch.backends.quantized.supported_engines.count("fbgemm"):
+        monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", None)
+        assert isinstance(quantize.fbgemm_linear_is_fast(), bool)  # the real kernels
+        assert quantize.cpu_int8_product() == ("fbgemm" if quantize.FBGEMM_LINEAR_FAST else "dequant")
+    with pytest.raises(ValueError, match="int8 products must be one of int_mm, fbgemm, dequant"):
+        quantize.block_quantizer("int8", "int8", product="vnni")
 
 
 def test_int8_speed_probe_measures_once_and_gives_up_on_a_slow_kernel(monkeypatch):

@@ -262,13 +262,17 @@ def pick_device(name: str | None) -> Any:
 def load_pipeline(req: Request, device: Any) -> Any:
     from ..pipelines.load import load
 
-    if (req.kernels or {}).get("int8_products") == "int_mm" and getattr(device, "type", device) == "cpu":
-        from ..quantize.linear import int8_matmul_is_fast
+    products = (req.kernels or {}).get("int8_products")
+    if products in ("int_mm", "fbgemm") and getattr(device, "type", device) == "cpu":
+        from ..quantize import linear
 
-        if not int8_matmul_is_fast():
+        if products == "int_mm" and not linear.int8_matmul_is_fast():
             warn("the recipe's int8 products ran on torch._int_mm, which this CPU multiplies many times slower than "
                  "float32 (no VNNI or AMX): replaying them takes far longer; --quantize int8-dynamic lets this "
                  "machine choose (a slightly different image)")
+        elif products == "fbgemm" and not linear._FBGEMM:
+            warn("the recipe's int8 products ran on FBGEMM, which this torch lacks: the weights are dequantised "
+                 "instead (a slightly different image)")
     try:
         return load(req.model, dtype=req.dtypes or req.dtype, device=device, compile=req.compile,
                     quantize=req.quantize, blocks=req.blocks, vae=req.vae, text_encoders=req.text_encoders,

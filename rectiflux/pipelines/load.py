@@ -254,7 +254,7 @@ def load(source: str | os.PathLike | None = None,
     with CUDA graphs), a string names torch.compile's mode.
     `kernels` fixes the choices that this machine's timings make otherwise and that change pixels (`pipe.kernels`
     says what ran; a replayed recipe passes what it records): {"attention": "sdpa" or "by-head"} and, with
-    int8-dynamic, {"int8_products": "int_mm" or "dequant"}.
+    int8-dynamic, {"int8_products": "int_mm", "fbgemm" or "dequant"}.
     """
     from .flux import check_device
 
@@ -272,8 +272,7 @@ def load(source: str | os.PathLike | None = None,
         if blocks == "stream":
             raise ValueError("quantize with blocks='stream' would quantise every block at every step; convert the "
                              "checkpoint once with rectiflux.quantize.quantize_file and stream that")
-        products = kernels.get("int8_products")
-        prepare = block_quantizer(*QUANTIZE_MODES[quantize], int_mm=None if products is None else products == "int_mm")
+        prepare = block_quantizer(*QUANTIZE_MODES[quantize], product=kernels.get("int8_products"))
     tree = ComfyUIModels(comfyui_models) if comfyui_models is not None else None
     path, tree = _transformer_source(source, tree)
     pipeline_class, folder, parts = None, None, {}

@@ -11,8 +11,13 @@ Forward kernels, chosen per call (`QuantizedLinear.kernel_for` says which one a 
 * ``int_mm``: with ``activations="int8"`` each token (row of the input) is quantised symmetric to int8 on the
   fly and `torch._int_mm` computes an exact int32 product, rescaled by the token and channel scales. Only where
   that product is fast: CPUs without int8 dot-product instructions (AVX2 only, no VNNI/AMX) run `_int_mm` far
-  slower than a float32 matmul, so there `int8_matmul_is_fast` sends these calls to ``dequant`` and the
-  activations stay float;
+  slower than a float32 matmul (`int8_matmul_is_fast` times it), and there these calls go to ``fbgemm``;
+* ``fbgemm``: int8 activations on a CPU whose `_int_mm` is slow: FBGEMM's dynamic int8 linear, which has AVX2
+  kernels (u8 x s8). It quantises its input with one scale per call, so each token is first divided by its own
+  max |x| and the output multiplied back: per-token scales again, at 7 bits (FBGEMM reduces the activations' range
+  so that its AVX2 pairwise sums cannot saturate). Its packed copy of the weight is made at the first call and kept
+  beside the int8 one. Where it is no faster than float32 either (`fbgemm_linear_is_fast`), or torch has no FBGEMM,
+  these calls go to ``dequant`` and the activations stay float;
 * ``scaled_mm``: with ``activations="float8"`` (float8 e4m3 weights) each token is scaled into e4m3 on the fly
   and `torch._scaled_mm` multiplies the two float8 matrices with the row-wise token and channel scales applied
   inside the kernel: the fp8 tensor cores of an H100/H200 (and a CPU kernel, slower than float32, for tests);
@@ -59,8 +64,13 @@ except (AttributeError, RuntimeError):
 INT8PACK_MAX_ROWS = {torch.float32: 1, torch.float16: 1, torch.bfloat16: 24}
 _INT_MM = getattr(torch, "_int_mm", None)
 _SCALED_MM = getattr(torch, "_scaled_mm", None)
-# None: measured on first use (int8_matmul_is_fast); True / False: decided (tests set it)
+# FBGEMM's quantized linear ops (torch's x86 CPU builds have them; torch 2.13 marks its quantized tensors deprecated)
+_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+# None: measured on first use (int8_matmul_is_fast, fbgemm_linear_is_fast); True / False: decided (tests set them)
 INT8_MATMUL_FAST: bool | None = None
+FBGEMM_LINEAR_FAST: bool | None = None
+# How int8 activations multiply: int8 x int8 on `_int_mm`, FBGEMM's dynamic linear, or the weight dequantised
+INT8_PRODUCTS = ("int_mm", "fbgemm", "dequant")
 
 
 def int8_matmul_is_fast() -> bool:
@@ -87,6 +97,35 @@ def int8_matmul_is_fast() -> bool:
                 INT8_MATMUL_FAST = best_seconds(lambda: _INT_MM(ai, wi.t()), give_up=2 * float32,
                                                 setup=lambda: _INT_MM(tiny, tiny)) < float32
     return INT8_MATMUL_FAST
+
+
+def fbgemm_linear_is_fast() -> bool:
+    """Whether the ``fbgemm`` kernel (per-token scaling included) beats a float32 matmul on this CPU, timed once per
+    process on a 1024 x 1536 @ 1536 x 1536 product with the probes' timer (`python -m benchmarks.kernels` prints its
+    answer, and both kernels' rates at FLUX's shapes). Its per-token passes weigh more on smaller products, where its
+    lead over float32 becomes noise."""
+    global FBGEMM_LINEAR_FAST
+    if FBGEMM_LINEAR_FAST is None:
+        if not _FBGEMM:
+            FBGEMM_LINEAR_FAST = False
+        else:
+            g = torch.Generator().manual_seed(0)
+            x, w = torch.randn(1024, 1536, generator=g), torch.randn(1536, 1536, generator=g)
+            linear = QuantizedLinear(1536, 1536, bias=False, activations="int8")
+            linear.weight, linear.weight_scale = quantize_weight(w)
+            tiny = torch.ones(32, 32)
+            with torch.no_grad():
+                float32 = best_seconds(lambda: F.linear(x, w), setup=lambda: F.linear(tiny, tiny))
+                FBGEMM_LINEAR_FAST = best_seconds(lambda: linear.fbgemm_product(x), give_up=2 * float32,
+                                                  setup=lambda: linear.fbgemm_product(x[:32])) < float32
+    return FBGEMM_LINEAR_FAST
+
+
+def cpu_int8_product() -> str:
+    """The fastest of INT8_PRODUCTS on this CPU (each candidate timed once per process, only where needed)."""
+    if int8_matmul_is_fast():
+        return "int_mm"
+    return "fbgemm" if fbgemm_linear_is_fast() else "dequant"
 
 
 def check_format(weights: str, activations: str | None) -> None:
@@ -206,9 +245,10 @@ class QuantizedLinear(nn.Module):
         check_format(weights, activations)
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
-        # with int8 activations on the CPU: whether products run on `_int_mm` (None: `int8_matmul_is_fast` says; a
+        # with int8 activations on the CPU: which of INT8_PRODUCTS multiplies (None: `cpu_int8_product` says; a
         # replayed recipe fixes it, through block_quantizer)
-        self.int_mm: bool | None = None
+        self.product: str | None = None
+        self._packed: tuple | None = None  # the ``fbgemm`` kernel's packed weight, with what it was packed from
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=WEIGHT_DTYPES[weights],
                                                    device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
@@ -239,7 +279,7 @@ class QuantizedLinear(nn.Module):
         return self
 
     def kernel_for(self, x: Tensor) -> str:
-        """Which kernel `forward(x)` uses: 'int_mm', 'int8pack', 'scaled_mm' or 'dequant'."""
+        """Which kernel `forward(x)` uses: 'int_mm', 'fbgemm', 'int8pack', 'scaled_mm' or 'dequant'."""
         if self.activations == "float8" and self.weight.dtype == torch.float8_e4m3fn and _SCALED_MM is not None:
             # cuBLASLt wants both inner and outer dimensions multiples of 16
             if self.in_features % 16 == 0 and self.out_features % 16 == 0 and x.device.type in ("cpu", "cuda"):
@@ -249,10 +289,15 @@ class QuantizedLinear(nn.Module):
             # _int_mm's limits on CUDA (cuBLASLt): more than 16 rows, K and N multiples of 8. The CPU kernel of
             # torch 2.13 takes any shape, but the same rule keeps the choice identical on every device, and
             # for a handful of rows the weight-only kernel is the better one anyway.
-            if (self.activations == "int8" and _INT_MM is not None and x.device.type in ("cpu", "cuda")
-                    and m > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
-                    and (x.device.type == "cuda" or (int8_matmul_is_fast() if self.int_mm is None else self.int_mm))):
-                return "int_mm"
+            if (self.activations == "int8" and x.device.type in ("cpu", "cuda") and m > 16
+                    and self.in_features % 8 == 0 and self.out_features % 8 == 0):
+                product = "int_mm" if x.device.type == "cuda" else self.product or cpu_int8_product()
+                if product == "int_mm" and _INT_MM is not None:
+                    return product
+                # FBGEMM's ops have no gradients (in a compiled graph they run eagerly: see fbgemm_product)
+                if (product == "fbgemm" and _FBGEMM and x.device.type == "cpu"
+                        and not (x.requires_grad and torch.is_grad_enabled())):
+                    return product
             # only for a few rows (the modulations' one row per image): see INT8PACK_MAX_ROWS. Not in a compiled
             # graph: inductor (torch 2.13) fails to lower it there.
             if (_INT8PACK_MM is not None and x.device.type == "cpu" and m <= INT8PACK_MAX_ROWS.get(x.dtype, 0)
@@ -292,6 +337,11 @@ class QuantizedLinear(nn.Module):
             else:
                 y.mul_(self.weight_scale)
             y = y.to(x.dtype, copy=scratch)  # a scratch tensor never leaves: copied even where x is float32
+        elif kernel == "fbgemm":
+            y = self.fbgemm_product(x2d, scratch)
+            if self.bias is not None:
+                y.add_(self.bias.float())
+            y = y.to(x.dtype)
         elif kernel == "int8pack":
             # the kernel wants the scales in the input's dtype (bf16 scales cost < 0.4% per channel, below the
             # rounding of a bf16 output anyway)
@@ -311,6 +361,33 @@ class QuantizedLinear(nn.Module):
                     weight = _SCRATCH.get("weight", shape, x.dtype, x.device).copy_(weight)
             y = F.linear(x2d, weight, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    # dynamo cannot trace FBGEMM's packed weights: a compiled block runs this product eagerly between its graphs,
+    # so that compiled and eager images stay the same
+    @torch.compiler.disable
+    def fbgemm_product(self, x2d: Tensor, scratch: bool = False) -> Tensor:
+        """x2d @ weight.T in float32 through FBGEMM's dynamic int8 linear, per-token scaled (no bias)."""
+        import warnings
+
+        weight, scale = self.weight, self.weight_scale
+        packed = self._packed
+        # packed again when the weights change (a fused LoRA replaces them, or writes into them)
+        if packed is None or packed[0] is not weight or packed[1] != (weight._version, scale._version):
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # torch 2.13 warns that quantized tensors are deprecated
+                warnings.simplefilter("ignore")
+                codes = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero_points, 0)
+                packed = (weight, (weight._version, scale._version), torch.ops.quantized.linear_prepack(codes, None))
+            self._packed = packed
+        amax = row_absmax(x2d)
+        amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # an all-zero token stays zero
+        if scratch:
+            xf = _SCRATCH.get("xf", tuple(x2d.shape), torch.float32, x2d.device)
+            xf = torch.div(x2d, amax, out=xf) if x2d.dtype == torch.float32 else xf.copy_(x2d).div_(amax)
+        else:
+            xf = x2d.float() / amax
+        # reduce_range: 7-bit activations, which FBGEMM's AVX2 kernels need to add pairs of products in int16
+        return torch.ops.quantized.linear_dynamic(xf, packed[2], True).mul_(amax)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -370,24 +447,27 @@ def set_activations(model: nn.Module, activations: str | None) -> nn.Module:
 
 
 def block_quantizer(weights: str = "int8", activations: str | None = None,
-                    int_mm: bool | None = None) -> Callable[[nn.Module], None]:
+                    product: str | None = None) -> Callable[[nn.Module], None]:
     """A `prepare` for load_transformer: quantises each block's linears as soon as the block is read, so a
-    float checkpoint is quantised while it loads (peak: the quantised model plus one float block). `int_mm` fixes
-    how int8 activations multiply on the CPU (`QuantizedLinear.int_mm`; None: this CPU's speed decides).
+    float checkpoint is quantised while it loads (peak: the quantised model plus one float block). `product`, one of
+    INT8_PRODUCTS, fixes how int8 activations multiply on the CPU (`QuantizedLinear.product`; None: this CPU's speed
+    decides).
 
     With int8 activations the blocks' attention runs in bfloat16 where the CPU has bf16 kernels (AVX512-BF16 or
     AMX, where it is faster than float32: python -m benchmarks.kernels) and on GPUs: the int8 path is lossy
     already, and attention was the largest float32 cost left in it.
     """
     check_format(weights, activations)
+    if product not in (None, *INT8_PRODUCTS):
+        raise ValueError(f"int8 products must be one of {', '.join(INT8_PRODUCTS)}, not {product!r}")
 
     def prepare(block: nn.Module) -> None:
         quantize_linears(block, "", weights, activations, ())
         for linear in _int8_activation_linears(block):
-            linear.int_mm = int_mm
+            linear.product = product
         if activations == "int8":
-            if int_mm is None:
-                int8_matmul_is_fast()  # measured now, not inside a compiled block's first call
+            if product is None:
+                cpu_int8_product()  # measured now, not inside a compiled block's first call
             device = next(block.parameters()).device
             if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 block.attention_dtype = torch.bfloat16
@@ -395,24 +475,24 @@ def block_quantizer(weights: str = "int8", activations: str | None = None,
     return prepare
 
 
-INT8_PRODUCTS = ("int_mm", "dequant")
-
-
 def _int8_activation_linears(model: nn.Module) -> list[QuantizedLinear]:
     return [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.activations == "int8"]
 
 
 def int8_products(model: nn.Module) -> str | None:
-    """How `model`'s int8-activation linears multiply: "int_mm" (int8 x int8; always on CUDA) or "dequant" (the
-    weights dequantised, the activations left float, where the CPU's `_int_mm` is slow); None without such linears
-    (blocks="lazy" reads and quantises its blocks at their first use)."""
+    """How `model`'s int8-activation linears multiply, one of INT8_PRODUCTS: "int_mm" (int8 x int8; always on CUDA),
+    "fbgemm" (where the CPU's `_int_mm` is slow) or "dequant" (the weights dequantised, the activations left float,
+    where neither beats float32); None without such linears (blocks="lazy" reads and quantises its blocks at their
+    first use)."""
     linears = _int8_activation_linears(model)
     if not linears:
         return None
     linear = linears[0]
     if linear.weight.device.type == "cuda":
-        return INT8_PRODUCTS[0]
-    return INT8_PRODUCTS[0] if (int8_matmul_is_fast() if linear.int_mm is None else linear.int_mm) else INT8_PRODUCTS[1]
+        return "int_mm"
+    product = linear.product or cpu_int8_product()
+    # what kernel_for runs where this torch lacks the kernel a replayed recipe names
+    return "dequant" if (product == "fbgemm" and not _FBGEMM) or (product == "int_mm" and _INT_MM is None) else product
 
 
 def use_int8_dynamic_attention(model: Flux) -> Flux:

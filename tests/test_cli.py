@@ -183,6 +183,14 @@ def test_replaying_int8_products_a_cpu_runs_slowly_warns(first, tmp_path, monkey
     monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", True)
     assert cli.main(["generate", "--from-png", str(forged), "-o", str(tmp_path / "fast.png")]) == 0
     assert capsys.readouterr().err == ""
+    # FBGEMM's products recorded where torch had them, replayed where it has none: dequantised, and said so
+    forged = forge(path, tmp_path / "fbgemm.png", quantize="int8-dynamic",
+                   kernels=json.dumps({"attention": "sdpa", "int8_products": "fbgemm"}))
+    monkeypatch.setattr(quantize, "_FBGEMM", False)
+    assert cli.main(["generate", "--from-png", str(forged), "-o", str(tmp_path / "no-fbgemm.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the recipe's int8 products ran on FBGEMM, which this torch lacks" in err, err
+    assert json.loads(text_of(tmp_path / "no-fbgemm.png")["kernels"])["int8_products"] == "dequant"
 
 
 def test_from_png_overrides_and_numbered_outputs(first, env, tmp_path):

@@ -128,6 +128,17 @@ def cpu_int8_product() -> str:
     return "fbgemm" if fbgemm_linear_is_fast() else "dequant"
 
 
+def int8_product_on(device: torch.device, product: str | None = None) -> str:
+    """The one of INT8_PRODUCTS that int8 activations on `device` multiply with, given the one asked for (a replayed
+    recipe's; None: this CPU's fastest). CUDA always uses `_int_mm`; a kernel this torch lacks gives way to dequant."""
+    if device.type == "cuda":
+        product = "int_mm"
+    product = product or cpu_int8_product()
+    if (product == "int_mm" and _INT_MM is None) or (product == "fbgemm" and (not _FBGEMM or device.type != "cpu")):
+        return "dequant"
+    return product
+
+
 def check_format(weights: str, activations: str | None) -> None:
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weight format {weights!r}; use 'int8' or 'float8'")
@@ -273,6 +284,7 @@ class QuantizedLinear(nn.Module):
         # Module.to(dtype) casts every floating-point tensor, float8 codes and float32 scales among them: a model
         # cast to bfloat16 must still move these to its device, but keep their dtypes
         weight, scale = self.weight, self.weight_scale
+        self._packed = None  # FBGEMM's packed weight stays on the CPU it was made on; packed again at its next use
         super()._apply(fn, recurse)
         if (self.weight.dtype, self.weight_scale.dtype) != (weight.dtype, scale.dtype):
             self.weight, self.weight_scale = weight.to(self.weight.device), scale.to(self.weight.device)
@@ -291,12 +303,9 @@ class QuantizedLinear(nn.Module):
             # for a handful of rows the weight-only kernel is the better one anyway.
             if (self.activations == "int8" and x.device.type in ("cpu", "cuda") and m > 16
                     and self.in_features % 8 == 0 and self.out_features % 8 == 0):
-                product = "int_mm" if x.device.type == "cuda" else self.product or cpu_int8_product()
-                if product == "int_mm" and _INT_MM is not None:
-                    return product
+                product = int8_product_on(x.device, self.product)
                 # FBGEMM's ops have no gradients (in a compiled graph they run eagerly: see fbgemm_product)
-                if (product == "fbgemm" and _FBGEMM and x.device.type == "cpu"
-                        and not (x.requires_grad and torch.is_grad_enabled())):
+                if product == "int_mm" or (product == "fbgemm" and not (x.requires_grad and torch.is_grad_enabled())):
                     return product
             # only for a few rows (the modulations' one row per image): see INT8PACK_MAX_ROWS. Not in a compiled
             # graph: inductor (torch 2.13) fails to lower it there.
@@ -372,12 +381,14 @@ class QuantizedLinear(nn.Module):
         weight, scale = self.weight, self.weight_scale
         packed = self._packed
         # packed again when the weights change (a fused LoRA replaces them, or writes into them)
-        if packed is None or packed[0] is not weight or packed[1] != (weight._version, scale._version):
+        if (packed is None or packed[0] is not weight or packed[1] is not scale
+                or packed[2] != (weight._version, scale._version)):
             zero_points = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # torch 2.13 warns that quantized tensors are deprecated
                 warnings.simplefilter("ignore")
                 codes = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero_points, 0)
-                packed = (weight, (weight._version, scale._version), torch.ops.quantized.linear_prepack(codes, None))
+                packed = (weight, scale, (weight._version, scale._version),
+                          torch.ops.quantized.linear_prepack(codes, None))
             self._packed = packed
         amax = row_absmax(x2d)
         amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # an all-zero token stays zero
@@ -387,7 +398,7 @@ class QuantizedLinear(nn.Module):
         else:
             xf = x2d.float() / amax
         # reduce_range: 7-bit activations, which FBGEMM's AVX2 kernels need to add pairs of products in int16
-        return torch.ops.quantized.linear_dynamic(xf, packed[2], True).mul_(amax)
+        return torch.ops.quantized.linear_dynamic(xf, packed[3], True).mul_(amax)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -487,12 +498,7 @@ def int8_products(model: nn.Module) -> str | None:
     linears = _int8_activation_linears(model)
     if not linears:
         return None
-    linear = linears[0]
-    if linear.weight.device.type == "cuda":
-        return "int_mm"
-    product = linear.product or cpu_int8_product()
-    # what kernel_for runs where this torch lacks the kernel a replayed recipe names
-    return "dequant" if (product == "fbgemm" and not _FBGEMM) or (product == "int_mm" and _INT_MM is None) else product
+    return int8_product_on(linears[0].weight.device, linears[0].product)
 
 
 def use_int8_dynamic_attention(model: Flux) -> Flux:

@@ -510,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     args.sides = [s for s in SIDES if s in set(args.sides.split(",")) | {"rectiflux", "diffusers"}]
     out = args.out or (Path(tempfile.gettempdir()) / "rectiflux-bench-smoke.md" if args.smoke
                        else ROOT / "docs" / ("benchmarks.md" if args.device == "cpu" else "bench-gpu.md"))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     failed = False
     with tempfile.TemporaryDirectory(prefix="rectiflux-bench-", dir=args.workdir) as tmp:

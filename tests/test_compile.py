@@ -44,14 +44,26 @@ def test_compiled_int8_dynamic_blocks_in_bfloat16(folder):
 
 
 @pytest.mark.skipif(not quantize._FBGEMM, reason="this torch has no FBGEMM (x86 builds have it)")
-def test_compiled_blocks_run_fbgemm_products_as_eager_ones_do(folder, monkeypatch):
-    # int8-dynamic where _int_mm is slow (AVX2 only): FBGEMM's products run between the compiled graphs
+def test_compiled_blocks_run_fbgemm_products_between_their_graphs(folder, monkeypatch):
+    # int8-dynamic where _int_mm is slow (AVX2 only): dynamo cannot trace FBGEMM's packed weights, so each product
+    # runs eagerly between the compiled graphs, as many times as in the eager model
     monkeypatch.setattr(quantize, "INT8_MATMUL_FAST", False)
     monkeypatch.setattr(quantize, "FBGEMM_LINEAR_FAST", True)
+    calls = []
+    product = quantize.QuantizedLinear.fbgemm_product
+
+    def counted(self, x2d, scratch=False):
+        calls.append(torch.compiler.is_compiling())
+        return product(self, x2d, scratch)
+
+    monkeypatch.setattr(quantize.QuantizedLinear, "fbgemm_product", counted)
     eager = load(folder, quantize="int8-dynamic")
-    pipe = load(folder, quantize="int8-dynamic", compile=True)
     want = eager(height=32, width=32, **CALL).images
-    assert np.abs(pipe(height=32, width=32, **CALL).images - want).max() < 1e-5
+    eager_calls, calls[:] = len(calls), []
+    pipe = load(folder, quantize="int8-dynamic", compile=True)
+    got = pipe(height=32, width=32, **CALL).images
+    assert eager_calls > 0 and len(calls) == eager_calls and not any(calls)
     assert eager.kernels["int8_products"] == pipe.kernels["int8_products"] == "fbgemm"  # blocks read by now
-    dequantised = load(folder, quantize="int8-dynamic", kernels={"int8_products": "dequant"})
-    assert np.abs(dequantised(height=32, width=32, **CALL).images - want).max() > 1e-4
+    # not equal: inductor's fused norms differ from eager's in the last bit of float32 (4.8e-7 at the first
+    # product here), and rounding to 7-bit codes turns a few such ties into one code step
+    assert np.abs(got - want).max() < 2e-3

@@ -1,6 +1,8 @@
 """rectiflux.load from every source a user has: a diffusers folder, BFL single files, the local HF cache."""
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,3 +112,16 @@ def test_a_transformer_of_no_known_variant_is_refused_with_the_known_widths(fold
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="unknown kind 'redux'"):
         detect_kind(FluxConfig(), 16, 8, kind="redux")
+
+
+def test_loading_and_generating_do_not_import_the_compiler(folder):
+    # importing torch._dynamo takes seconds; only compile=True needs it (a decorator in the int8 kernels once made
+    # every load pay it). FBGEMM's products run where torch has them, the module that used the decorator
+    script = ("import sys\n"
+              "from rectiflux.pipelines.load import load\n"
+              f"pipe = load({str(folder)!r}, quantize='int8-dynamic', kernels={{'int8_products': 'fbgemm'}})\n"
+              "pipe('a red circle', height=32, width=32, num_inference_steps=1, max_sequence_length=16)\n"
+              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

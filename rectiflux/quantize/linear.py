@@ -304,7 +304,7 @@ class QuantizedLinear(nn.Module):
             if (self.activations == "int8" and x.device.type in ("cpu", "cuda") and m > 16
                     and self.in_features % 8 == 0 and self.out_features % 8 == 0):
                 product = int8_product_on(x.device, self.product)
-                # FBGEMM's ops have no gradients (in a compiled graph they run eagerly: see fbgemm_product)
+                # FBGEMM's ops have no gradients (in a compiled graph they run eagerly: see forward)
                 if product == "int_mm" or (product == "fbgemm" and not (x.requires_grad and torch.is_grad_enabled())):
                     return product
             # only for a few rows (the modulations' one row per image): see INT8PACK_MAX_ROWS. Not in a compiled
@@ -347,7 +347,13 @@ class QuantizedLinear(nn.Module):
                 y.mul_(self.weight_scale)
             y = y.to(x.dtype, copy=scratch)  # a scratch tensor never leaves: copied even where x is float32
         elif kernel == "fbgemm":
-            y = self.fbgemm_product(x2d, scratch)
+            product = self.fbgemm_product
+            # dynamo cannot trace FBGEMM's packed weights: a compiled block runs this product eagerly between its
+            # graphs, so that compiled and eager images stay the same. Wrapped here, not decorated: the decorator
+            # would import dynamo with this module, seconds of every load
+            if torch.compiler.is_compiling():
+                product = torch.compiler.disable(product)
+            y = product(x2d, scratch)
             if self.bias is not None:
                 y.add_(self.bias.float())
             y = y.to(x.dtype)
@@ -371,9 +377,6 @@ class QuantizedLinear(nn.Module):
             y = F.linear(x2d, weight, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    # dynamo cannot trace FBGEMM's packed weights: a compiled block runs this product eagerly between its graphs,
-    # so that compiled and eager images stay the same
-    @torch.compiler.disable
     def fbgemm_product(self, x2d: Tensor, scratch: bool = False) -> Tensor:
         """x2d @ weight.T in float32 through FBGEMM's dynamic int8 linear, per-token scaled (no bias)."""
         import warnings

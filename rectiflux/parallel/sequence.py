@@ -17,8 +17,8 @@ Ring attention (ring.py, `backend="ring"`) uses the same plan, sharded forward a
 slot differs: queries stay, k/v shards travel round the ranks, and any head count works.
 
 The small functions (bounds, padding, the exchanges' reshapes) are pure and take no group; `SequenceParallel-
-Attention` and the forward wrapper are the only parts that talk to torch.distributed, through its functional
-collectives (NCCL on CUDA, gloo on the CPU, which in torch 2.13 supports all_to_all_single and all_gather).
+Attention` and the forward wrapper are the only parts that talk to torch.distributed (NCCL on CUDA, gloo on the
+CPU, which in torch 2.13 supports all_to_all_single and all_gather_into_tensor).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 from torch import Tensor, nn
 
 Group = Any  # a torch.distributed ProcessGroup, a one-dimensional DeviceMesh, or None for the default group
@@ -197,18 +196,25 @@ def process_group(group: Group = None) -> dist.ProcessGroup:
     raise TypeError(f"group must be a ProcessGroup, a DeviceMesh or None, got {type(group).__name__}")
 
 
-def _waited(x: Tensor) -> Tensor:
-    return x.wait() if isinstance(x, fc.AsyncCollectiveTensor) else x
+# torch.distributed's in-place collectives, which dynamo also traces (into functional ones) in a compiled block.
+# Called eagerly, the functional ones leave a process that ran them on gloo (torch 2.13) aborting at exit
+# ("terminate called without an active exception") in about one launch in five.
+
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
 
 def all_to_all(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Chunk j of x's first dimension to rank j; chunk i of the result came from rank i (equal chunks)."""
-    return _waited(fc.all_to_all_single(x.contiguous(), None, None, group))
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
 
 
 def gather_rows(x: Tensor, bounds: list[tuple[int, int]], group: dist.ProcessGroup, dim: int = 1) -> Tensor:
     """Every rank's padded shard of rows (`shard_rows`) -> the unsharded rows, on every rank."""
-    stacked = _waited(fc.all_gather_single(x.contiguous(), 0, group))
+    stacked = x.new_empty((len(bounds) * x.shape[0], *x.shape[1:]))  # gloo wants the ranks' shards end to end
+    _ALL_GATHER(stacked, x.contiguous(), group=group)
     return unshard_rows(stacked.view(len(bounds), *x.shape), bounds, dim)
 
 

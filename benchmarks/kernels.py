@@ -69,6 +69,20 @@ def fbgemm_rate(a: torch.Tensor, w: torch.Tensor, flop: float) -> list[tuple[str
         return [("int8 fbgemm per-token", flop / ms(lambda: linear.fbgemm_product(a, scratch=True)))]
 
 
+def int8_linear_rates(m: int, k: int, n: int, products: list[str]) -> list[tuple[str, float]]:
+    """int8-dynamic's whole linear layer (per-token quantisation, product, rescale, bias) with each int8 product,
+    against float32's, in GFLOP/s."""
+    linear = torch.nn.Linear(k, n)
+    x, flop = torch.randn(m, k), 2 * m * k * n / 1e6
+    rates = []
+    with torch.no_grad():
+        for product in products:
+            layer = quantize.QuantizedLinear.from_linear(linear, "int8", activations="int8")
+            layer.product = product
+            rates.append((product, flop / ms(lambda layer=layer: layer(x), 3)))
+        return rates + [("float32", flop / ms(lambda: linear(x), 3))]
+
+
 def weight_only_ms(x: torch.Tensor, wi: torch.Tensor, scale: torch.Tensor) -> tuple[float, float]:
     # dequantised as QuantizedLinear does: into reused tensors, in float32, then rounded to the input's dtype
     weight, low = torch.empty(wi.shape), torch.empty(wi.shape, dtype=x.dtype)
@@ -120,6 +134,13 @@ def main() -> None:
     print("matrix products (M x K @ K x N), GFLOP/s:")
     for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
         print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
+    # a product the probes found slow is left out: _int_mm on AVX2 would take minutes here
+    products = [p for p, fast in (("int_mm", fast), ("fbgemm", quantize._FBGEMM)) if fast]
+    print("int8-dynamic's whole linear (quantised per token, multiplied, rescaled) at FLUX.1-dev's shapes, 1536 tokens "
+          "(a 512 x 512 image and 512 text tokens), GFLOP/s:")
+    for k, n in [(3072, 9216), (3072, 12288), (15360, 3072)]:
+        rates = int8_linear_rates(1536, k, n, products)
+        print(f"  {k} -> {n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in rates))
     x, w = torch.randn(1, 64, 64, 64), torch.randn(64, 64, 3, 3)
     xb, wb = x.bfloat16(), w.bfloat16()
     print(f"3x3 convolution, 64 channels on 64 x 64 pixels, ms: float32 {ms(lambda: F.conv2d(x, w, padding=1)):.1f}, "

@@ -349,8 +349,8 @@ class QuantizedLinear(nn.Module):
         elif kernel == "fbgemm":
             product = self.fbgemm_product
             # dynamo cannot trace FBGEMM's packed weights: a compiled block runs this product eagerly between its
-            # graphs, so that compiled and eager images stay the same. Wrapped here, not decorated: the decorator
-            # would import dynamo with this module, seconds of every load
+            # graphs. Wrapped here, not decorated: the decorator would import dynamo with this module, seconds of
+            # every load
             if torch.compiler.is_compiling():
                 product = torch.compiler.disable(product)
             y = product(x2d, scratch)

@@ -115,8 +115,8 @@ def test_a_transformer_of_no_known_variant_is_refused_with_the_known_widths(fold
 
 
 def test_loading_and_generating_do_not_import_the_compiler(folder):
-    # importing torch._dynamo takes seconds; only compile=True needs it (a decorator in the int8 kernels once made
-    # every load pay it). FBGEMM's products run where torch has them, the module that used the decorator
+    # importing torch._dynamo takes seconds and only compile=True needs it: a decorator on the FBGEMM product once
+    # made every load pay it, so that product is the one run here
     script = ("import sys\n"
               "from rectiflux.pipelines.load import load\n"
               f"pipe = load({str(folder)!r}, quantize='int8-dynamic', kernels={{'int8_products': 'fbgemm'}})\n"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_two_replicas_share_the_work_and_the_history(tmp_path, monkeypatch):
             time.sleep(0.05)
 
         def workers() -> set[str]:
-            with sqlite3.connect(tmp_path / "data" / "history.sqlite3") as db:
+            with closing(sqlite3.connect(tmp_path / "data" / "history.sqlite3")) as db:
                 return {row[0] for row in db.execute("SELECT worker FROM jobs")}
 
         # both replicas made images. Ray routes each request to the shorter queue of two replicas drawn at random

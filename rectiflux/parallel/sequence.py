@@ -18,7 +18,7 @@ slot differs: queries stay, k/v shards travel round the ranks, and any head coun
 
 The small functions (bounds, padding, the exchanges' reshapes) are pure and take no group; `SequenceParallel-
 Attention` and the forward wrapper are the only parts that talk to torch.distributed (NCCL on CUDA, gloo on the
-CPU, which in torch 2.13 supports all_to_all_single and all_gather_into_tensor).
+CPU, which in torch 2.13 supports all_to_all_single and all_gather).
 """
 
 from __future__ import annotations

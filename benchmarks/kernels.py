@@ -134,7 +134,7 @@ def main() -> None:
     print("matrix products (M x K @ K x N), GFLOP/s:")
     for m, k, n in [(2048, 2048, 2048), (1280, 1536, 4608), (1280, 1536, 10752), (1280, 7680, 1536)]:
         print(f"  {m}x{k} @ {k}x{n}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates(m, k, n)))
-    # a product the probes found slow is left out: _int_mm on AVX2 would take minutes here
+    # _int_mm is left out where its probe found it slow (AVX2 only: minutes here); FBGEMM wherever torch has it
     products = [p for p, fast in (("int_mm", fast), ("fbgemm", quantize._FBGEMM)) if fast]
     print("int8-dynamic's whole linear (quantised per token, multiplied, rescaled) at FLUX.1-dev's shapes, 1536 tokens "
           "(a 512 x 512 image and 512 text tokens), GFLOP/s:")

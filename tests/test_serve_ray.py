@@ -86,11 +86,13 @@ def test_two_replicas_share_the_work_and_the_history(tmp_path, monkeypatch):
         for again in range(1, 5):
             if len(workers()) == 2:
                 break
-            threads = [threading.Thread(target=post, args=(10 * again + seed,)) for seed in range(4)]
+            seeds = [10 * again + seed for seed in range(4)]
+            threads = [threading.Thread(target=post, args=(seed,)) for seed in seeds]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+            assert all(results[seed].status_code == 200 for seed in seeds), [results[s].text for s in seeds]
         assert len(workers()) == 2, workers()
     finally:
         proc.send_signal(signal.SIGTERM)

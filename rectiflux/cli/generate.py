@@ -264,13 +264,15 @@ def load_pipeline(req: Request, device: Any) -> Any:
 
     products = (req.kernels or {}).get("int8_products")
     if products in ("int_mm", "fbgemm") and getattr(device, "type", device) == "cpu":
+        import torch
+
         from ..quantize import linear
 
         if products == "int_mm" and not linear.int8_matmul_is_fast():
             warn("the recipe's int8 products ran on torch._int_mm, which this CPU multiplies many times slower than "
                  "float32 (no VNNI or AMX): replaying them takes far longer; --quantize int8-dynamic lets this "
                  "machine choose (a slightly different image)")
-        elif products == "fbgemm" and not linear._FBGEMM:
+        elif products == "fbgemm" and linear.int8_product_on(torch.device("cpu"), "fbgemm") != "fbgemm":
             warn("the recipe's int8 products ran on FBGEMM, which this torch lacks: the weights are dequantised "
                  "instead (a slightly different image)")
     try:

@@ -197,8 +197,8 @@ def process_group(group: Group = None) -> dist.ProcessGroup:
 
 
 # torch.distributed's in-place collectives, which dynamo also traces (into functional ones) in a compiled block.
-# Called eagerly, the functional ones leave a process that ran them on gloo (torch 2.13) aborting at exit
-# ("terminate called without an active exception") in about one launch in five.
+# Called eagerly, the functional ones leave a process that ran them on gloo (torch 2.13) aborting at exit now and
+# then ("terminate called without an active exception"; docs/scale-out.md).
 
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 

@@ -30,6 +30,7 @@ Every kernel returns the input's dtype. The module is for inference: nothing her
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -379,8 +380,6 @@ class QuantizedLinear(nn.Module):
 
     def fbgemm_product(self, x2d: Tensor, scratch: bool = False) -> Tensor:
         """x2d @ weight.T in float32 through FBGEMM's dynamic int8 linear, per-token scaled (no bias)."""
-        import warnings
-
         weight, scale = self.weight, self.weight_scale
         packed = self._packed
         # packed again when the weights change (a fused LoRA replaces them, or writes into them)

@@ -4,8 +4,10 @@ the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_flux_folder
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from rectiflux.flux.autoencoder import AutoEncoder
 from rectiflux.pipelines.load import load
+from rectiflux.quantize.gguf import GGMLType, quantize_to_raw, write_gguf
 from rectiflux.weights.autoencoder import load_autoencoder
 from rectiflux.weights.bundles import find_models
 from rectiflux.weights.checkpoint import CheckpointError
@@ -410,3 +414,94 @@ def test_cli_with_comfyui_models(files, tmp_path, monkeypatch, capsys):
     assert "--t5" in err[0] and "clip/t5xxl_fp8_e4m3fn.safetensors" in err[0]
     assert cli.main([*map(str, args), "--t5", "text-a.safetensors", "-o", "c.png"]) == 0
     assert read_recipe(tmp_path / "c.png")["t5"] == "text-a.safetensors"
+
+
+def other_families(tree, out):
+    """What a ComfyUI tree holds beside FLUX's files: Wan's GGUF transformer and its UMT5 encoder (as wide as
+    T5-XXL), SDXL's autoencoder (4 latent channels), LoRAs."""
+    weight = quantize_to_raw(torch.ones(8, 4), GGMLType.F32)
+    write_gguf(tree / "unet" / "wan2.1-t2v-14b-Q4_K_M.gguf",
+               {"patch_embedding.weight": (int(GGMLType.F32), (8, 4), weight)}, architecture="wan")
+    flux_ae = load_autoencoder(out / "ae.safetensors")
+    sdxl = AutoEncoder(dataclasses.replace(flux_ae.config, latent_channels=4))
+    save_file({k: v.contiguous() for k, v in sdxl.state_dict().items()}, tree / "vae" / "sdxl_vae.safetensors")
+    t5 = load_file(out / "t5xxl_fp16.safetensors")
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    save_file({**t5, bias.replace("block.0", "block.1"): t5[bias].clone()},
+              tree / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    qkv = load_file(out / "flux1-tiny.safetensors")["double_blocks.0.img_attn.qkv.weight"]
+    g = torch.Generator().manual_seed(0)
+    (tree / "loras").mkdir()
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, qkv.shape[1], generator=g),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(qkv.shape[0], 4, generator=g),
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}, tree / "loras" / "style.safetensors")
+
+
+def test_comfyui_tree_passes_over_other_families(files, folder_image, tmp_path, monkeypatch):
+    folder, out = files
+    tree = comfyui_tree(out, tmp_path / "models")
+    other_families(tree, out)
+    (tree / "vae" / "decoder.safetensors").rename(tree / "vae" / "ae.sft")  # BFL's first files were named .sft
+    pipe = load(comfyui_models=tree, tokenizers=folder)
+    assert np.abs(image(pipe) - folder_image).max() < 1e-6
+    assert pipe.source == tree / "diffusion_models" / "my-flux.safetensors"
+    with pytest.raises(CheckpointError) as e:
+        load(comfyui_models=tree, tokenizers=folder, vae="sdxl_vae.safetensors")
+    assert "sdxl_vae.safetensors has 4 latent channels, but the transformer" in one_line(e)
+    assert "takes 16: pass vae= (--vae)" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        load(comfyui_models=tree, tokenizers=folder, t5="umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    assert "is a UMT5 encoder" in one_line(e)
+    with pytest.raises(CheckpointError) as e:
+        load("wan2.1-t2v-14b-Q4_K_M.gguf", comfyui_models=tree, tokenizers=folder)
+    assert "architecture 'wan', not a FLUX.1 transformer" in one_line(e)
+    (tree / "vae" / "ae.sft").unlink()  # only SDXL's is left
+    with pytest.raises(CheckpointError) as e:
+        load(comfyui_models=tree, tokenizers=folder)
+    assert "no autoencoder for" in one_line(e) and "none with 16 latent channels (the transformer's)" in str(e.value)
+    # without the gguf package a GGUF's architecture cannot be told: it stays a candidate, and loading names the package
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(CheckpointError) as e:
+        load(comfyui_models=tree, tokenizers=folder)
+    assert "several FLUX transformers" in one_line(e) and "unet/wan2.1-t2v-14b-Q4_K_M.gguf" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        load("wan2.1-t2v-14b-Q4_K_M.gguf", comfyui_models=tree, tokenizers=folder)
+    assert "needs the gguf package: pip install 'rectiflux[gguf]'" in one_line(e)
+
+
+def test_sft_files_beside_each_other(files, folder_image, tmp_path):
+    folder, out = files
+    shutil.copy(out / "flux1-tiny.safetensors", tmp_path / "flux1-tiny.sft")
+    shutil.copy(out / "ae.safetensors", tmp_path / "ae.sft")  # found beside the transformer, as ae.safetensors is
+    pipe = load(tmp_path / "flux1-tiny.sft", clip=out / "clip_l.safetensors", t5=out / "t5xxl_fp16.safetensors",
+                tokenizers=folder)
+    assert np.abs(image(pipe) - folder_image).max() < 1e-6
+    (tmp_path / "flux1-tiny.ckpt").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path / "flux1-tiny.ckpt")
+    assert "not a safetensors file (.safetensors or .sft; pickled checkpoints are never read)" in one_line(e)
+
+
+def test_cli_finds_loras_in_the_comfyui_tree(files, tmp_path, monkeypatch):
+    import argparse
+
+    from rectiflux import cli
+    from rectiflux.cli.recipe import read_recipe
+    from rectiflux.cli.serve import lora_catalogue
+
+    folder, out = files
+    tree = comfyui_tree(out, tmp_path / "models")
+    other_families(tree, out)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "a red circle", "--comfyui-models", tree, "--tokenizers", folder, "--steps", "1", "--width",
+            "32", "--height", "32", "--max-sequence-length", "16", "--seed", "3"]
+    assert cli.main([*map(str, args), "-o", "plain.png"]) == 0
+    assert cli.main([*map(str, args), "--lora", "style.safetensors:0.8", "-o", "lora.png"]) == 0
+    recorded = read_recipe(tmp_path / "lora.png")["loras"]
+    assert [(v["file"], v["scale"]) for v in recorded] == [(str(tree / "loras" / "style.safetensors"), 0.8)]
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "lora.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+    # the server offers the tree's LoRAs unless --lora-dir names another folder
+    served = lora_catalogue(argparse.Namespace(loras=[], lora_dir=None, comfyui_models=str(tree)))
+    assert [(v.name, v.active) for v in served] == [("style", False)]

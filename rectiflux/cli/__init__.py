@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import __version__
 from . import batch, generate, serve, train
-from .options import Parser, UsageError
+from .options import Parser, UsageError, loras_in_tree
 from .recipe import PROG
 
 EPILOG = """examples (each runs as written, in this order):
@@ -65,6 +65,7 @@ def run(args) -> int:
     if args.command is None:  # argparse's own message names the metavar only
         raise UsageError(f"give a command: {', '.join(generate.MODES)}, train, train-lora, eval, batch, serve "
                          f"({PROG} --help lists them)")
+    loras_in_tree(args)
     if args.command == "train":
         return train.run_train(args)
     if args.command == "eval":

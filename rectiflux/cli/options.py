@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 MIN_SIDE = 16
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes any 64-bit unsigned value
@@ -107,6 +108,17 @@ def lora_type(text: str) -> tuple[str, float]:
     return str(text), 1.0
 
 
+def loras_in_tree(args: argparse.Namespace) -> None:
+    """--lora given as a file name in the --comfyui-models tree's loras/ (where ComfyUI's LoRA loader looks)
+    becomes that file's path."""
+    tree = getattr(args, "comfyui_models", None)
+    if not tree or not getattr(args, "loras", None):
+        return
+    folder = Path(tree) / "loras"
+    args.loras = [(str(folder / path) if not Path(path).exists() and (folder / path).is_file() else path, scale)
+                  for path, scale in args.loras]
+
+
 cache_type = _non_negative("the cache threshold")
 true_cfg_type = _non_negative("the true CFG scale")
 scale_type = _non_negative("the scale")
@@ -141,10 +153,12 @@ def model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--comfyui-models", metavar="DIR",
                    help="a ComfyUI models/ folder: the transformer from diffusion_models/ or unet/ (--model may name "
                         "a file there), --vae from vae/, --clip and --t5 from clip/ or text_encoders/, each told by "
-                        "its tensors; where several fit, the flag of that part chooses")
+                        "its tensors (other families' models beside them are passed over); where several fit, the "
+                        "flag of that part chooses; --lora may name a file in its loras/")
     g.add_argument("--lora", type=lora_type, action="append", dest="loras", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA (any common format: diffusers/peft, kohya, XLabs, LyCORIS, ComfyUI) at SCALE "
-                        "(default 1); repeatable, the LoRAs add up")
+                        "(default 1); repeatable, the LoRAs add up; with --comfyui-models also a file name in its "
+                        "loras/")
     g.add_argument("--kind", choices=KINDS, help="the model's variant when its weights cannot tell (a BFL Kontext "
                                                  "file has FLUX.1-dev's keys; default: detected)")
     g.add_argument("--dtype", choices=DTYPES,

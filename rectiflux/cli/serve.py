@@ -42,7 +42,8 @@ def add_parsers(commands) -> None:
     g.add_argument("--data", default="rectiflux-data", metavar="DIR",
                    help="where the history (SQLite), the images and the uploads live (default: ./rectiflux-data)")
     g.add_argument("--lora-dir", metavar="DIR", help="offer every .safetensors LoRA in DIR (off unless a request "
-                                                    "names it); --lora ones are on by default")
+                                                    "names it; default: the loras/ of --comfyui-models); --lora ones "
+                                                    "are on by default")
     g.add_argument("--max-upload-mb", type=whole_type("the upload limit"), default=32, metavar="MB",
                    help="largest image a request may send, in MiB (default: 32)")
     g.add_argument("--max-upload-megapixels", type=whole_type("the pixel limit"), default=64, metavar="MP",
@@ -68,8 +69,10 @@ def lora_catalogue(args: argparse.Namespace) -> list[Any]:
         if name in loras:
             raise UsageError(f"two LoRAs are named {name} (--lora): rename one")
         loras[name] = Lora(name, os.path.abspath(path), scale, active=True)
-    if args.lora_dir:
-        folder = Path(args.lora_dir)
+    folder = Path(args.lora_dir) if args.lora_dir else None
+    if folder is None and args.comfyui_models and (Path(args.comfyui_models) / "loras").is_dir():
+        folder = Path(args.comfyui_models) / "loras"
+    if folder is not None:
         if not folder.is_dir():
             raise UsageError(f"no folder at {folder} (--lora-dir)")
         for path in sorted(folder.glob("*.safetensors")):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..weights.checkpoint import CheckpointError, read_state_dict
+from ..weights.checkpoint import SAFETENSORS_SUFFIXES, CheckpointError, read_state_dict
 from ..weights.layout import CLIP_KEYS, SWAPPED, T5_KEYS, diffusers_rows, rename
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers writes in a LoRA folder
@@ -130,8 +130,8 @@ def read_file(source: str | os.PathLike | dict, weight_name: str | None = None) 
         path = path / name
     if not path.exists():
         raise LoraError(f"no LoRA file at {path}")
-    if path.suffix != ".safetensors":
-        raise LoraError(f"{path} is not a .safetensors file (pickled LoRAs are never read)")
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        raise LoraError(f"{path} is not a safetensors file (.safetensors or .sft; pickled LoRAs are never read)")
     from safetensors import safe_open
 
     tensors = read_state_dict(path, mmap=False)

@@ -167,22 +167,24 @@ def _no_part(kind: str, path: Path, tree: ComfyUIModels | None, wide: int | None
     keyword, flag = ARGUMENTS[kind]
     where = ""
     if tree is not None:
-        where = f", none {wide} wide (the transformer's) is in {tree.where(kind)}" if wide else \
+        fitting = f"with {wide} latent channels" if kind == "vae" else f"{wide} wide"
+        where = f", none {fitting} (the transformer's) is in {tree.where(kind)}" if wide else \
             f", none is in {tree.where(kind)}"
     return CheckpointError(f"no {NAMES[kind]} for {path}: pass {keyword}= ({flag}) {how}{where}")
 
 
 def _check_width(kind: str, where: Path, wanted: int, transformer: Path, got: int | None = None) -> None:
-    """Refuse a text encoder of another width than the transformer takes (SDXL's clip_g for CLIP-L, say); `got`
-    None reads a single file's width off its header."""
+    """Refuse a text encoder of another width than the transformer takes (SDXL's clip_g for CLIP-L, say), or an
+    autoencoder of other latent channels (SDXL's); `got` None reads a single file's `width` off its header."""
     if got is None and where.is_file():
         shapes = read_keys_and_shapes(where)
         models = find_models(shapes, where)
         got = width(shapes, kind, models[kind]) if kind in models else None
     if got is not None and got != wanted:
         keyword, flag = ARGUMENTS[kind]
-        raise CheckpointError(f"the {NAMES[kind]} {where} is {got} wide, but the transformer {transformer} takes "
-                              f"{wanted}: pass {keyword}= ({flag}) the one it was trained with")
+        has = f"has {got} latent channels" if kind == "vae" else f"is {got} wide"
+        raise CheckpointError(f"the {NAMES[kind]} {where} {has}, but the transformer {transformer} takes {wanted}: "
+                              f"pass {keyword}= ({flag}) the one it was trained with")
 
 
 def component_dtypes(dtype: torch.dtype | str | Mapping[str, torch.dtype | str] | None, device: torch.device,
@@ -301,19 +303,21 @@ def load(source: str | os.PathLike | None = None,
     _, transformer_config, _ = read_config(transformer_path, **prefix)
     dtypes = component_dtypes(dtype, device, transformer_config.hidden_size)
 
+    # what each part must have to fit the transformer (bundles.width)
+    widths = {"clip": transformer_config.pooled_projection_dim, "t5": transformer_config.joint_attention_dim,
+              "vae": transformer_config.out_channels // 4}
     # where each part comes from: what is named, else what the source holds, else the ComfyUI tree, else beside
     if vae:
         vae_path = _named(vae, "vae", tree)
     elif "vae" in parts or folder is not None:
         vae_path = path if folder is None else path / "vae"
     else:
-        found = tree.find("vae") if tree is not None else None
-        vae_path = found[0] if found else _beside(path, "ae.safetensors")
+        found = tree.find("vae", widths["vae"]) if tree is not None else None
+        vae_path = found[0] if found else _beside(path, "ae.safetensors") or _beside(path, "ae.sft")
         if vae_path is None:
-            raise _no_part("vae", path, tree, None, "the BFL ae.safetensors or a diffusers vae/ folder (none is "
-                                                     "beside the file)")
+            raise _no_part("vae", path, tree, widths["vae"] if tree is not None else None,
+                           "the BFL ae.safetensors or a diffusers vae/ folder (none is beside the file)")
     encoders_dir = resolve_source(text_encoders) if text_encoders else None
-    widths = {"clip": transformer_config.pooled_projection_dim, "t5": transformer_config.joint_attention_dim}
 
     def encoder_path(part: str, named) -> Path | None:
         if named:
@@ -362,6 +366,7 @@ def load(source: str | os.PathLike | None = None,
 
     autoencoder = load_autoencoder(vae_path, dtype=dtypes["vae"])
     cfg = autoencoder.config
+    _check_width("vae", vae_path, widths["vae"], path, cfg.latent_channels)
     found = detect_kind(transformer_config, cfg.latent_channels, cfg.downscale, path.name, pipeline_class, kind)
     transformer = load_transformer(transformer_path, dtype=dtypes["transformer"], blocks=blocks, prepare=prepare,
                                    **prefix)

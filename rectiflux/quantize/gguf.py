@@ -411,11 +411,14 @@ def _reader_class() -> type:
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open a GGUF file (memory-mapped); CheckpointError with one line if it is missing, corrupt or truncated."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no GGUF file at {path}")
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError(f"{path} is a GGUF file, which needs the gguf package: pip install "
+                              "'rectiflux[gguf]'") from None
     try:
         # numpy's overflow warnings on garbage sizes mean a corrupt file: make them errors to report as such
         with warnings.catch_warnings():

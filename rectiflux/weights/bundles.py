@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_keys_and_shapes
+from .checkpoint import SAFETENSORS_SUFFIXES, CheckpointError, read_keys_and_shapes
 from .layout import is_scaled_fp8_marker
 
 KINDS = ("transformer", "vae", "clip", "t5")
@@ -107,13 +107,25 @@ def models_in(path: str | os.PathLike) -> dict[str, str]:
 
 
 def width(shapes: Mapping[str, tuple[int, ...]], kind: str, prefix: str) -> int | None:
-    """A text encoder's width (CLIP's hidden size, T5's d_model) from its embedding, or None."""
+    """What must match the transformer, or None where the shapes do not say: a text encoder's width (CLIP's hidden
+    size, T5's d_model, from its embedding), an autoencoder's latent channels (SD and SDXL ones have 4, FLUX's 16;
+    the encoder's last convolution gives a mean and a log-variance for each)."""
+    if kind == "vae":
+        conv = shapes.get(prefix + "encoder.conv_out.weight")
+        return conv[0] // 2 if conv is not None and len(conv) == 4 else None
     names = {"clip": ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"),
              "t5": ("shared.weight", "encoder.embed_tokens.weight", "embed_tokens.weight")}[kind]
     for name in names:
         if prefix + name in shapes and len(shapes[prefix + name]) == 2:
             return shapes[prefix + name][1]
     return None
+
+
+def is_umt5(keys: Iterable[str], prefix: str = "") -> bool:
+    """UMT5 (Wan's umt5-xxl, as wide as T5-XXL) has a relative attention bias in every layer; FLUX's T5 v1.1 only
+    in the first."""
+    return any(prefix + f"{root}block.1.layer.0.SelfAttention.relative_attention_bias.weight" in keys
+               for root in ("", "encoder."))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,8 +143,10 @@ def is_comfyui_tree(path: Path) -> bool:
 
 class ComfyUIModels:
     """The models of a ComfyUI `models/` tree, each file identified by its tensor names and shapes: transformers
-    in diffusion_models/, unet/ (.safetensors or .gguf) or checkpoints/, autoencoders in vae/, CLIP and T5 in
-    clip/ or text_encoders/. Files that cannot be read are passed over."""
+    in diffusion_models/, unet/ (.safetensors, .sft or .gguf) or checkpoints/, autoencoders in vae/, CLIP and T5 in
+    clip/ or text_encoders/. Files that cannot be read are passed over, and so are the other families' models a
+    tree holds beside FLUX's: GGUF files of another architecture, autoencoders and text encoders that do not fit
+    the transformer (SDXL's, say), UMT5."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -143,14 +157,17 @@ class ComfyUIModels:
     def _read(self, file: Path):
         if file not in self._seen:
             try:
-                shapes = read_keys_and_shapes(file)
-                self._seen[file] = (find_models(shapes, file), shapes)
+                if file.suffix == ".gguf":
+                    self._seen[file] = ({"transformer": ""}, {}) if _flux_gguf(file) else None
+                else:
+                    shapes = read_keys_and_shapes(file)
+                    self._seen[file] = (find_models(shapes, file), shapes)
             except CheckpointError:
                 self._seen[file] = None
         return self._seen[file]
 
     def files(self, kind: str) -> list[Path]:
-        suffixes = (".safetensors", ".gguf") if kind == "transformer" else (".safetensors",)
+        suffixes = (*SAFETENSORS_SUFFIXES, ".gguf") if kind == "transformer" else SAFETENSORS_SUFFIXES
         found, real = [], set()
         for folder in FOLDERS[kind]:
             for file in sorted((self.root / folder).rglob("*")) if (self.root / folder).is_dir() else []:
@@ -160,17 +177,16 @@ class ComfyUIModels:
         return found
 
     def candidates(self, kind: str, wide: int | None = None) -> list[tuple[Path, str]]:
-        """(file, prefix) of each file holding a model of `kind`; text encoders only `wide` wide when given."""
+        """(file, prefix) of each file holding a model of `kind`; only those whose `width` is `wide` when given."""
         out = []
         for file in self.files(kind):
-            if file.suffix == ".gguf":  # GGUF headers are the transformer loader's business
-                out.append((file, ""))
-                continue
             seen = self._read(file)
             if seen is None or kind not in seen[0]:
                 continue
             models, shapes = seen
             if wide is not None and width(shapes, kind, models[kind]) not in (None, wide):
+                continue
+            if kind == "t5" and is_umt5(shapes, models[kind]):
                 continue
             out.append((file, models[kind]))
         return out
@@ -195,3 +211,15 @@ class ComfyUIModels:
 
     def where(self, kind: str) -> str:
         return ", ".join(f"{self.root / f}/" for f in FOLDERS[kind])
+
+
+def _flux_gguf(file: Path) -> bool:
+    """Whether a GGUF file holds a FLUX transformer, by its architecture; without the gguf package it cannot be
+    told, and the file stays a candidate (loading it then names the package)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return True
+    from ..quantize.gguf import read_gguf
+
+    return read_gguf(file).architecture == "flux"

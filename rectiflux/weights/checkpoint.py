@@ -28,6 +28,10 @@ DTYPES = {
 }
 
 
+# BFL's first FLUX.1 files were named .sft (flux1-dev.sft, ae.sft); ComfyUI reads both names as safetensors
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message is one line for the user."""
 
@@ -48,8 +52,9 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         if path.name.endswith(".index.json"):
             return _files_from_index(path)
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path} is not a .safetensors file (pickled checkpoints are never read)")
+        if path.suffix not in SAFETENSORS_SUFFIXES:
+            raise CheckpointError(f"{path} is not a safetensors file (.safetensors or .sft; pickled checkpoints are "
+                                  "never read)")
         return [path]
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:

@@ -64,6 +64,9 @@ def clip_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], what: str = "
 def t5_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], what: str = "T5 encoder") -> T5Config:
     """A T5Config read off the tensor shapes (our names): the head count and relative-position buckets from the
     relative attention bias, gated-GELU (T5 v1.1, FLUX's T5-XXL) when there are wi_0/wi_1, else ReLU (T5 v1.0)."""
+    if "blocks.1.relative_attention_bias.weight" in shapes:
+        raise CheckpointError(f"{what} is a UMT5 encoder (a relative attention bias in every layer, as Wan's "
+                              "umt5-xxl), not the T5 v1.1 FLUX was trained with")
     try:
         vocab, d_model = shapes["shared.weight"]
         buckets, heads = shapes["relative_attention_bias.weight"]

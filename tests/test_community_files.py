@@ -221,6 +221,15 @@ def test_gguf_that_is_no_flux_transformer_is_refused_by_its_architecture(folder,
     assert "\n" not in str(e.value)
 
 
+def test_gguf_with_quantize_is_refused(folder, tmp_path):
+    file = tmp_path / "t.gguf"
+    gguf_file(load_transformer(folder).state_dict(), file, types=[GGMLType.Q8_0])
+    for mode in ("int8", "int8-dynamic"):
+        with pytest.raises(ValueError, match=r"t\.gguf's blocks are quantised already \(GGUF\)") as e:
+            load(file, vae=folder / "vae", text_encoders=folder, quantize=mode)
+        assert "\n" not in str(e.value)
+
+
 def test_gguf_of_the_wrong_size_is_refused_by_name(folder, tmp_path):
     state = load_transformer(folder).state_dict()
     state["single_blocks.0.linear2.weight"] = state["single_blocks.0.linear2.weight"][:-1]

@@ -187,6 +187,64 @@ def test_single_file_t5_matches_transformers(tmp_path, variant):
         assert load_t5(file).dtype == torch.bfloat16
 
 
+def gguf_t5(model, path, types=("Q8_0", "Q4_0", "Q5_1"), architecture="t5encoder", extra=None):
+    """A T5 GGUF file as city96's are made: llama.cpp's names (gguf-py's own map from transformers'), the blocks'
+    linears and the embedding quantised (by gguf-py, cycling through `types`), the rest in F32. Returns what the file
+    means in float32, by transformers' names (gguf-py's dequantiser)."""
+    import gguf
+
+    state = {**transformers_names(model), **(extra or {})}
+    state.pop("encoder.embed_tokens.weight")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, model.config.num_layers)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    meant = {}
+    for i, (key, value) in enumerate(sorted(state.items())):
+        array = value.float().numpy()
+        quantised = value.ndim == 2 and "relative_attention_bias" not in key and value.shape[1] % 32 == 0
+        qtype = gguf.GGMLQuantizationType[types[i % len(types)]] if quantised else gguf.GGMLQuantizationType.F32
+        raw = gguf.quants.quantize(array, qtype) if quantised else array
+        writer.add_tensor(names.get_name(key, try_suffixes=(".weight",)), raw, raw_dtype=qtype)
+        meant[key] = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy()).reshape(value.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return meant
+
+
+@pytest.mark.parametrize("proj", ["gated-gelu", "relu"])
+def test_gguf_t5_matches_transformers(tmp_path, proj):
+    from rectiflux.quantize.gguf import GGUFLinear
+
+    torch.manual_seed(1)  # d_kv x heads a whole number of 32-weight blocks
+    model = T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                    relative_attention_num_buckets=8, feed_forward_proj=proj)).eval()
+    file = tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    meant = gguf_t5(model, file)
+    ours = load_t5(file)
+    assert ours.dtype == torch.float32 and (ours.config.num_heads, ours.config.d_kv) == (2, 16)
+    linears = [m for m in ours.modules() if isinstance(m, GGUFLinear)]
+    per_layer = 7 if proj == "gated-gelu" else 6  # q k v o, wi_0 wi_1 (or wi), wo
+    assert len(linears) == 2 * per_layer and all(m.weight.dtype == torch.uint8 for m in linears)
+    assert t5_error(ours, reference(model, meant)) <= 2e-4
+    half = load_t5(file, dtype=torch.float16)  # GGUF's wo computes in float32 there too
+    assert t5_error(half, reference(model, meant)) <= 2e-2
+    # UMT5 (Wan's) carries a relative attention bias in every layer, and files of other architectures are refused
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.detach().clone()
+    gguf_t5(model, tmp_path / "umt5.gguf",
+            extra={"encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight": bias})
+    with pytest.raises(CheckpointError) as e:
+        load_t5(tmp_path / "umt5.gguf")
+    assert "is a UMT5 encoder" in one_line(e)
+    gguf_t5(model, tmp_path / "llama.gguf", architecture="llama")
+    with pytest.raises(CheckpointError) as e:
+        load_t5(tmp_path / "llama.gguf")
+    assert "architecture 'llama', not a T5 encoder" in one_line(e)
+    with pytest.raises(CheckpointError) as e:
+        load_clip(file)
+    assert "is a GGUF file: those are read as FLUX transformers and T5 encoders only" in one_line(e)
+
+
 def test_single_file_errors_are_one_line(tmp_path):
     clip = tmp_path / "clip.safetensors"
     wide = CLIPTextModel(CLIPTextConfig(vocab_size=30, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
@@ -467,6 +525,19 @@ def test_comfyui_tree_passes_over_other_families(files, folder_image, tmp_path, 
     with pytest.raises(CheckpointError) as e:
         load("wan2.1-t2v-14b-Q4_K_M.gguf", comfyui_models=tree, tokenizers=folder)
     assert "needs the gguf package: pip install 'rectiflux[gguf]'" in one_line(e)
+
+
+def test_comfyui_tree_with_a_gguf_t5(files, folder_image, tmp_path):
+    folder, out = files
+    tree = comfyui_tree(out, tmp_path / "models")
+    model = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    gguf_t5(model, tree / "clip" / "t5-v1_1-xxl-encoder-f32.gguf", types=("F32",))  # lossless: the same image
+    with pytest.raises(CheckpointError) as e:
+        load(comfyui_models=tree, tokenizers=folder)
+    assert "several T5 encoders" in one_line(e) and "clip/t5-v1_1-xxl-encoder-f32.gguf" in str(e.value)
+    (tree / "clip" / "text-a.safetensors").unlink()  # the safetensors T5
+    pipe = load(comfyui_models=tree, tokenizers=folder)
+    assert np.abs(image(pipe) - folder_image).max() < 1e-6
 
 
 def test_sft_files_beside_each_other(files, folder_image, tmp_path):

@@ -143,9 +143,9 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="the CLIP-L text encoder as one .safetensors file (ComfyUI's clip_l.safetensors) or a "
                         "transformers folder; with --comfyui-models also a file name in its clip/ or text_encoders/")
     g.add_argument("--t5", metavar="FILE",
-                   help="the T5 encoder as one .safetensors file (ComfyUI's t5xxl_fp16 or t5xxl_fp8_e4m3fn(_scaled)) "
-                        "or a transformers folder; with --comfyui-models also a file name in its clip/ or "
-                        "text_encoders/")
+                   help="the T5 encoder as one .safetensors file (ComfyUI's t5xxl_fp16 or t5xxl_fp8_e4m3fn(_scaled)), "
+                        "one .gguf file (city96's t5-v1_1-xxl-encoder) or a transformers folder; with "
+                        "--comfyui-models also a file name in its clip/ or text_encoders/")
     g.add_argument("--tokenizers", metavar="DIR_OR_REPO",
                    help="for --clip/--t5 and all-in-one files, which carry none: a diffusers FLUX folder or repo id "
                         "in the local cache holding tokenizer/ and tokenizer_2/ (default: the model's folder, else "

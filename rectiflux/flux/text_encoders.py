@@ -209,8 +209,11 @@ class T5Layer(nn.Module):
         x = _clamp_half(x + self.o(a.transpose(1, 2).reshape(b, n, -1)))
         h = self.ff_norm(x)
         h = self.act(self.wi_0(h)) * self.wi_1(h) if hasattr(self, "wi_0") else self.act(self.wi(h))
-        # wo stays float32 in a float16 model (T5's activations overflow float16 there): feed it its dtype
-        return _clamp_half(x + self.wo(h.to(self.wo.weight.dtype)))
+        # wo stays float32 in a float16 model (T5's activations overflow float16 there): feed it its dtype; a GGUF
+        # wo (uint8 blocks) computes in the dtype it is fed
+        wo_dtype = self.wo.weight.dtype if self.wo.weight.is_floating_point() else \
+            torch.float32 if h.dtype == torch.float16 else h.dtype
+        return _clamp_half(x + self.wo(h.to(wo_dtype)))
 
 
 def _clamp_half(x: Tensor) -> Tensor:

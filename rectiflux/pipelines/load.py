@@ -16,7 +16,7 @@ from ..flux.layers import ATTENTIONS
 from ..flux.text_encoders import TextEncoders
 from ..sampling.schedule import SchedulerConfig
 from ..weights.autoencoder import load_autoencoder
-from ..weights.bundles import ARGUMENTS, NAMES, ComfyUIModels, find_models, is_comfyui_tree, width
+from ..weights.bundles import ARGUMENTS, NAMES, ComfyUIModels, find_models, is_comfyui_tree, read_models, width
 from ..weights.checkpoint import CheckpointError, parse_dtype, read_json, read_keys_and_shapes
 from ..weights.layout import is_diffusers_transformer
 from ..weights.sources import default_tokenizers, resolve_source, resolve_tokenizers
@@ -177,8 +177,7 @@ def _check_width(kind: str, where: Path, wanted: int, transformer: Path, got: in
     """Refuse a text encoder of another width than the transformer takes (SDXL's clip_g for CLIP-L, say), or an
     autoencoder of other latent channels (SDXL's); `got` None reads a single file's `width` off its header."""
     if got is None and where.is_file():
-        shapes = read_keys_and_shapes(where)
-        models = find_models(shapes, where)
+        models, shapes = read_models(where)
         got = width(shapes, kind, models[kind]) if kind in models else None
     if got is not None and got != wanted:
         keyword, flag = ARGUMENTS[kind]

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .checkpoint import SAFETENSORS_SUFFIXES, CheckpointError, read_keys_and_shapes
-from .layout import is_scaled_fp8_marker
+from .layout import T5_GGUF_ARCHITECTURES, is_scaled_fp8_marker, t5_gguf_names
 
 KINDS = ("transformer", "vae", "clip", "t5")
 NAMES = {"transformer": "FLUX transformer", "vae": "autoencoder", "clip": "CLIP text encoder", "t5": "T5 encoder"}
@@ -101,6 +101,30 @@ def select(state: Mapping[str, object], kind: str, models: Mapping[str, str]) ->
     return mine
 
 
+def read_models(file: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """`find_models` of a file and its tensors' shapes, from its header: a safetensors file, or a GGUF file by its
+    architecture (a FLUX transformer, or a T5 encoder whose llama.cpp names are given as transformers' here).
+    Without the gguf package a GGUF file's architecture cannot be read: it counts as a transformer, and loading it
+    then names the package."""
+    file = Path(file)
+    if file.suffix != ".gguf":
+        shapes = read_keys_and_shapes(file)
+        return find_models(shapes, file), shapes
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return {"transformer": ""}, {}
+    from ..quantize.gguf import read_gguf
+
+    contents = read_gguf(file)
+    shapes = {k: shape for k, (_, shape, _) in contents.tensors.items()}
+    if contents.architecture == "flux":
+        return {"transformer": ""}, shapes
+    if contents.architecture in T5_GGUF_ARCHITECTURES:
+        return {"t5": ""}, t5_gguf_names(shapes)
+    return {}, shapes
+
+
 def models_in(path: str | os.PathLike) -> dict[str, str]:
     """`find_models` of a safetensors file's tensor names (its header alone is read)."""
     return find_models(read_keys_and_shapes(path), path)
@@ -144,9 +168,9 @@ def is_comfyui_tree(path: Path) -> bool:
 class ComfyUIModels:
     """The models of a ComfyUI `models/` tree, each file identified by its tensor names and shapes: transformers
     in diffusion_models/, unet/ (.safetensors, .sft or .gguf) or checkpoints/, autoencoders in vae/, CLIP and T5 in
-    clip/ or text_encoders/. Files that cannot be read are passed over, and so are the other families' models a
-    tree holds beside FLUX's: GGUF files of another architecture, autoencoders and text encoders that do not fit
-    the transformer (SDXL's, say), UMT5."""
+    clip/ or text_encoders/ (T5 in GGUF too). Files that cannot be read are passed over, and so are the other
+    families' models a tree holds beside FLUX's: GGUF files of another architecture, autoencoders and text encoders
+    that do not fit the transformer (SDXL's, say), UMT5."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -157,17 +181,13 @@ class ComfyUIModels:
     def _read(self, file: Path):
         if file not in self._seen:
             try:
-                if file.suffix == ".gguf":
-                    self._seen[file] = ({"transformer": ""}, {}) if _flux_gguf(file) else None
-                else:
-                    shapes = read_keys_and_shapes(file)
-                    self._seen[file] = (find_models(shapes, file), shapes)
+                self._seen[file] = read_models(file)
             except CheckpointError:
                 self._seen[file] = None
         return self._seen[file]
 
     def files(self, kind: str) -> list[Path]:
-        suffixes = (*SAFETENSORS_SUFFIXES, ".gguf") if kind == "transformer" else SAFETENSORS_SUFFIXES
+        suffixes = (*SAFETENSORS_SUFFIXES, ".gguf")
         found, real = [], set()
         for folder in FOLDERS[kind]:
             for file in sorted((self.root / folder).rglob("*")) if (self.root / folder).is_dir() else []:
@@ -212,14 +232,3 @@ class ComfyUIModels:
     def where(self, kind: str) -> str:
         return ", ".join(f"{self.root / f}/" for f in FOLDERS[kind])
 
-
-def _flux_gguf(file: Path) -> bool:
-    """Whether a GGUF file holds a FLUX transformer, by its architecture; without the gguf package it cannot be
-    told, and the file stays a candidate (loading it then names the package)."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        return True
-    from ..quantize.gguf import read_gguf
-
-    return read_gguf(file).architecture == "flux"

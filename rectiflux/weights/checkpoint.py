@@ -52,6 +52,8 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         if path.name.endswith(".index.json"):
             return _files_from_index(path)
+        if path.suffix == ".gguf":
+            raise CheckpointError(f"{path} is a GGUF file: those are read as FLUX transformers and T5 encoders only")
         if path.suffix not in SAFETENSORS_SUFFIXES:
             raise CheckpointError(f"{path} is not a safetensors file (.safetensors or .sft; pickled checkpoints are "
                                   "never read)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -17,6 +18,8 @@ from torch import Tensor
 from ..flux.autoencoder import AutoEncoderConfig
 from ..flux.config import FluxConfig
 from .checkpoint import CheckpointError
+
+V = TypeVar("V")
 
 # how BFL single files and ComfyUI bundles nest the transformer and the autoencoder
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -244,9 +247,27 @@ T5_KEYS = [(r"^encoder\.embed_tokens\.", "shared."), (r"^encoder\.final_layer_no
            (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.attn_norm."),
            (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.", r"blocks.\1."),
            (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.ff_norm.")]
+# llama.cpp's names for T5's encoder (city96's T5 GGUF files, architecture "t5encoder" or "t5") -> transformers'
+T5_GGUF_ARCHITECTURES = ("t5encoder", "t5")
+T5_GGUF_KEYS = [(r"^token_embd\.", "shared."), (r"^enc\.output_norm\.", "encoder.final_layer_norm."),
+                (r"^enc\.blk\.(\d+)\.attn_rel_b\.", r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias."),
+                (r"^enc\.blk\.(\d+)\.attn_([qkvo])\.", r"encoder.block.\1.layer.0.SelfAttention.\2."),
+                (r"^enc\.blk\.(\d+)\.attn_norm\.", r"encoder.block.\1.layer.0.layer_norm."),
+                (r"^enc\.blk\.(\d+)\.ffn_gate\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_0."),
+                (r"^enc\.blk\.(\d+)\.ffn_up\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_1."),
+                (r"^enc\.blk\.(\d+)\.ffn_down\.", r"encoder.block.\1.layer.1.DenseReluDense.wo."),
+                (r"^enc\.blk\.(\d+)\.ffn_norm\.", r"encoder.block.\1.layer.1.layer_norm.")]
 
 
-def rename(state: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> dict[str, Tensor]:
+def t5_gguf_names(tensors: Mapping[str, V]) -> dict[str, V]:
+    """llama.cpp's T5 names -> transformers'; ffn_up is wi_1 beside a gate (T5 v1.1, FLUX's), else wi (v1.0)."""
+    out = rename(tensors, T5_GGUF_KEYS)
+    if not any(k.endswith(".DenseReluDense.wi_0.weight") for k in out):
+        out = {k.replace(".DenseReluDense.wi_1.", ".DenseReluDense.wi."): v for k, v in out.items()}
+    return out
+
+
+def rename(state: Mapping[str, V], rules: list[tuple[str, str]]) -> dict[str, V]:
     out = {}
     for key, tensor in state.items():
         for pattern, repl in rules:

@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import CLIPTokenizerFast, T5TokenizerFast
 
 from ..flux.text_encoders import CLIPConfig, CLIPTextEncoder, T5Config, T5Encoder, TextEncoders
 from .bundles import NAMES, find_models, select
 from .checkpoint import CheckpointError, load_into, parse_dtype, read_json, read_state_dict
-from .layout import CLIP_KEYS, INPUT_SCALES, T5_KEYS, WEIGHT_SCALES, rename
+from .layout import CLIP_KEYS, INPUT_SCALES, T5_GGUF_ARCHITECTURES, T5_KEYS, WEIGHT_SCALES, rename, t5_gguf_names
 
 SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -191,12 +192,14 @@ def _t5_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_t5(path: str | os.PathLike, dtype: torch.dtype | str | None = None, prefix: str | None = None,
             config: T5Config | None = None) -> T5Encoder:
     """T5's encoder from a transformers T5EncoderModel folder or one .safetensors file (transformers' names, with or
-    without `encoder.` and an outer prefix; float32/16, bfloat16 or float8, ComfyUI's scaled fp8 too); a file's
-    config is read off its shapes (`t5_config_from_shapes`) unless `config` is given. dtype None keeps the stored
-    one (bfloat16 for float8). In float16 the output projections `wo` stay float32, as transformers keeps them
-    (T5's activations overflow float16 there)."""
+    without `encoder.` and an outer prefix; float32/16, bfloat16 or float8, ComfyUI's scaled fp8 too) or GGUF file
+    (`_gguf_t5`); a file's config is read off its shapes (`t5_config_from_shapes`) unless `config` is given. dtype
+    None keeps the stored one (bfloat16 for float8, float32 for GGUF). In float16 the output projections `wo` stay
+    float32, as transformers keeps them (T5's activations overflow float16 there)."""
     path = Path(path)
     dtype = parse_dtype(dtype)
+    if path.suffix == ".gguf" and path.is_file():
+        return _gguf_t5(path, dtype, config)
     if path.is_dir():
         model = _build(lambda d: T5Encoder(T5Config.from_transformers(d)), path, "T5")
         state = rename(_t5_names(read_state_dict(path)), T5_KEYS)
@@ -215,6 +218,39 @@ def load_t5(path: str | os.PathLike, dtype: torch.dtype | str | None = None, pre
     if (dtype or stored) == torch.float16:  # wo from the stored values, not via float16
         state = {k: v.float() if k.endswith(".wo.weight") else v.half() for k, v in state.items()}
         dtype = None
+    return load_into(model, state, dtype, what).eval()
+
+
+def _gguf_t5(path: Path, dtype: torch.dtype | None, config: T5Config | None) -> T5Encoder:
+    """city96's T5 GGUF files (llama.cpp's names): the blocks' quantised linears stay quantised in memory
+    (GGUFLinear, dequantised for each product, as in a GGUF transformer); everything else is dequantised."""
+    from ..quantize.gguf import GGUFLinear, byte_shape, dequantize, read_gguf
+    from ..quantize.linear import replace_module
+    from .gguf import FLOAT_TYPES
+
+    what = f"T5 encoder {path}"
+    contents = read_gguf(path)
+    if contents.architecture not in T5_GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path} is a GGUF file of architecture {contents.architecture!r}, not a T5 encoder")
+    tensors = rename(_t5_names(t5_gguf_names(contents.tensors)), T5_KEYS)
+    config = config or t5_config_from_shapes({k: shape for k, (_, shape, _) in tensors.items()}, what)
+    with torch.device("meta"):
+        model = T5Encoder(config)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    state = {}
+    for key, (qtype, shape, raw) in tensors.items():
+        name = key.removesuffix(".weight")
+        try:
+            if qtype in FLOAT_TYPES or name not in linears:
+                state[key] = dequantize(raw, qtype, shape)
+                continue
+            linear = model.get_submodule(name)
+            # the module the model expects, holding the file's bytes: check_fits compares their byte shapes
+            replace_module(model, name, GGUFLinear(linear.in_features, linear.out_features, qtype, bias=False,
+                                                   device="meta"))
+            state[key] = raw.reshape(byte_shape(shape, qtype))
+        except ValueError as e:  # a type we cannot dequantise, or a size that is no whole number of blocks
+            raise CheckpointError(f"{what}: {key}: {e}") from None
     return load_into(model, state, dtype, what).eval()
 
 

@@ -231,4 +231,3 @@ class ComfyUIModels:
 
     def where(self, kind: str) -> str:
         return ", ".join(f"{self.root / f}/" for f in FOLDERS[kind])
-

@@ -34,7 +34,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
         read_state_dict(tmp_path / "cut.safetensors", mmap=False)
     assert "\n" not in str(e.value)
     (tmp_path / "model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(CheckpointError, match="not a .safetensors"):
+    with pytest.raises(CheckpointError, match=r"not a safetensors file \(\.safetensors or \.sft; pickled"):
         read_state_dict(tmp_path / "model.bin")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no .safetensors"):

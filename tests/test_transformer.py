@@ -242,7 +242,7 @@ def test_bad_checkpoints_are_refused_with_names(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read"):
         load_transformer(tmp_path / "corrupt.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"pickle")
-    with pytest.raises(CheckpointError, match="not a .safetensors"):
+    with pytest.raises(CheckpointError, match=r"not a safetensors file \(\.safetensors or \.sft; pickled"):
         load_transformer(tmp_path / "model.ckpt")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_transformer(tmp_path / "missing")

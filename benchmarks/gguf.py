@@ -1,6 +1,7 @@
 """GGUF transformers of FLUX.1-dev's size on this machine: peak memory and time of one 256x256 denoising step.
 
-    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--dtypes float32,auto,auto+compile] [--compiled-chunk N]
+    python -m benchmarks.gguf [--types Q8_0,Q4_K] [--dtypes float32,auto,auto+compile,auto+int8-dynamic]
+                              [--compiled-chunk N]
                               [--workdir DIR] [--keep] [--out docs/bench-gguf.md]
 
 Writes a random transformer with FLUX.1-dev's config (19 double + 38 single blocks, hidden 3072, guidance
@@ -95,10 +96,20 @@ def measure(file: Path, dtype_name: str, compiled_chunk: int | None = None) -> d
     start = time.perf_counter()
     from rectiflux.runtime.kernels import fastest_dtypes
 
-    dtype_name, _, compiled = dtype_name.partition("+")
+    dtype_name, *options = dtype_name.split("+")
     dtype = fastest_dtypes("cpu", 3072)["transformer"] if dtype_name == "auto" else getattr(torch, dtype_name)
-    model = load_transformer(file, blocks="lazy", dtype=dtype)
-    if compiled:  # "+compile": the blocks compiled as load(compile=True) does; the first call compiles
+    prepare = None
+    if "int8-dynamic" in options:  # the blocks quantised again as load(quantize="int8-dynamic") does
+        from rectiflux.pipelines.load import QUANTIZE_MODES
+        from rectiflux.quantize.linear import block_quantizer
+
+        prepare = block_quantizer(*QUANTIZE_MODES["int8-dynamic"])
+    model = load_transformer(file, blocks="lazy", dtype=dtype, prepare=prepare)
+    if prepare is not None:
+        from rectiflux.quantize.linear import use_int8_dynamic_attention
+
+        use_int8_dynamic_attention(model)
+    if "compile" in options:  # the blocks compiled as load(compile=True) does; the first call compiles
         from rectiflux.runtime.compile import compile_blocks
 
         compile_blocks(model)
@@ -131,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the files (reused by the next run in --workdir)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench-gguf.md"))
     p.add_argument("--dtypes", default="float32,auto", help="compute dtypes, each in its own process; "
-                   "DTYPE+compile compiles the blocks (auto+compile)")
+                   "DTYPE+compile compiles the blocks (auto+compile), DTYPE+int8-dynamic quantises them again "
+                   "(auto+int8-dynamic)")
     p.add_argument("--compiled-chunk", type=int, help="weights per dequantised chunk in a compiled block "
                    "(rectiflux.quantize.gguf.COMPILED_CHUNK_ELEMENTS)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(name, r, flush=True)
             steps = sorted(r["steps"])
-            compute = dtype.replace("auto", f"auto ({r['dtype']})").replace("+compile", ", compiled")
+            compute = dtype.replace("auto", f"auto ({r['dtype']})").replace("+compile", ", compiled").replace(
+                "+int8-dynamic", ", int8-dynamic")
             rows.append(f"| {name} | {compute} | {size_mib / 1024:.2f} | {r['rss_mib'] / 1024:.2f} | "
                         f"{r['rss_mib'] / size_mib:.3f} | {r['later_rss_mib'] / size_mib:.3f} | {r['load']:.2f} | "
                         f"{r['first']:.1f} | {steps[0]:.1f}-{steps[-1]:.1f} |")

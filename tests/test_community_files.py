@@ -221,15 +221,6 @@ def test_gguf_that_is_no_flux_transformer_is_refused_by_its_architecture(folder,
     assert "\n" not in str(e.value)
 
 
-def test_gguf_with_quantize_is_refused(folder, tmp_path):
-    file = tmp_path / "t.gguf"
-    gguf_file(load_transformer(folder).state_dict(), file, types=[GGMLType.Q8_0])
-    for mode in ("int8", "int8-dynamic"):
-        with pytest.raises(ValueError, match=r"t\.gguf's blocks are quantised already \(GGUF\)") as e:
-            load(file, vae=folder / "vae", text_encoders=folder, quantize=mode)
-        assert "\n" not in str(e.value)
-
-
 def test_gguf_of_the_wrong_size_is_refused_by_name(folder, tmp_path):
     state = load_transformer(folder).state_dict()
     state["single_blocks.0.linear2.weight"] = state["single_blocks.0.linear2.weight"][:-1]
@@ -280,3 +271,42 @@ def test_loras_on_fp8_and_gguf_files(folder, tmp_path):
         assert_close(ours_image(pipe), want)
         pipe.unload_lora_weights()
         assert np.array_equal(ours_image(pipe), before)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "gguf"])
+def test_compact_files_quantised_again(folder, tmp_path, kind):
+    """quantize= on an fp8 or GGUF file quantises the blocks again from the weights the file means: the same model
+    as the float file of those weights quantised alike, with a LoRA fused too; fp8 weights asked for in float8 are
+    kept as stored."""
+    state = load_transformer(folder).state_dict()
+    if kind == "fp8":
+        tensors, dequantised = scaled_fp8(state)
+        file = tmp_path / "fp8.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, file)
+    else:
+        file = tmp_path / "q.gguf"
+        dequantised = gguf_file(state, file)
+    model = load_transformer(folder)
+    model.load_state_dict(dequantised)
+    save_transformer(model, tmp_path / "float.safetensors", layout="bfl")
+    lora, _ = lora_of(state)
+    kernels = {"int8_products": "int_mm", "attention": "sdpa"}
+    images = []
+    for source in (tmp_path / "float.safetensors", file):
+        pipe = load(source, vae=folder / "vae", text_encoders=folder, quantize="int8-dynamic", kernels=kernels)
+        images.append(ours_image(pipe))
+        linears = [m for name, m in pipe.transformer.named_modules() if name.startswith(("double_", "single_"))
+                   and isinstance(m, (torch.nn.Linear, QuantizedLinear, GGUFLinear))]
+        assert linears and all(isinstance(m, QuantizedLinear) and (m.weights, m.activations) == ("int8", "int8")
+                               for m in linears)
+        pipe.load_lora_weights(dict(lora))
+        pipe.fuse_lora()  # merged into the weights the file means, quantised again
+        images.append(ours_image(pipe))
+    assert np.abs(images[0] - images[2]).max() < 1e-6 and np.abs(images[1] - images[3]).max() < 1e-6
+    assert np.abs(images[0] - images[1]).max() > 1e-3  # the LoRA changed the image
+    if kind == "fp8":
+        pipe = load(file, vae=folder / "vae", text_encoders=folder, quantize="float8-dynamic", blocks="memory")
+        qkv = pipe.transformer.double_blocks[0].img_attn.qkv
+        assert (qkv.weights, qkv.activations) == ("float8", "float8")
+        stored = tensors["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+        assert torch.equal(qkv.weight.view(torch.uint8), stored.view(torch.uint8))

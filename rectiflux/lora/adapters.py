@@ -381,7 +381,13 @@ class Adapters:
             else module_name.split(".")[0]
         state = units.read(unit)
         name = module_name[len(unit) + 1:]
-        weight = state[name + ".weight"].float()
+        weight = state[name + ".weight"]
+        qtype = getattr(units, "quantized", {}).get(module_name + ".weight")
+        if qtype is not None and weight.dtype == torch.uint8:  # a GGUF file's bytes, quantised again at load
+            from ..quantize.gguf import dequantize
+
+            return dequantize(weight, qtype, units.shape(module_name + ".weight"))
+        weight = weight.float()
         if name + ".weight_scale" in state:  # a float8 file's weights, kept as stored beside their scales
             weight = weight * state[name + ".weight_scale"].float()[:, None]
         return weight

@@ -279,9 +279,6 @@ def load(source: str | os.PathLike | None = None,
     pipeline_class, folder, parts = None, None, {}
     if path.is_file():  # a BFL single file, a GGUF file, or an all-in-one file
         if path.suffix == ".gguf":
-            if quantize is not None:  # its GGUFLinears are no nn.Linear: nothing would be quantised
-                raise ValueError(f"{path.name}'s blocks are quantised already (GGUF); quantize= (--quantize) is for "
-                                 "float and fp8 checkpoints")
             parts = {"transformer": ""}
         else:
             shapes = read_keys_and_shapes(path)

@@ -270,11 +270,13 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weights: str = "int8", activations: str | None = None) -> QuantizedLinear:
-        """Quantise `linear`'s weight; the bias parameter itself is shared, not copied."""
+    def from_linear(cls, linear: nn.Module, weights: str = "int8", activations: str | None = None) -> QuantizedLinear:
+        """Quantise `linear`'s weight: an nn.Linear's, or the dequantised weight of a compact one (a GGUFLinear, a
+        QuantizedLinear of another format); the bias parameter itself is shared, not copied."""
         module = cls(linear.in_features, linear.out_features, bias=False, weights=weights, activations=activations,
                      device="meta")
-        module.weight, module.weight_scale = quantize_weight(linear.weight, weights)
+        weight = linear.weight if isinstance(linear, nn.Linear) else linear.dequantized_weight()
+        module.weight, module.weight_scale = quantize_weight(weight, weights)
         module.bias = linear.bias
         return module
 
@@ -421,11 +423,20 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_linears(root: nn.Module, prefix: str, weights: str, activations: str | None,
                       skip: Iterable[str]) -> None:
-    """Swap every nn.Linear under `root` (whose name in the whole model is `prefix`) not covered by `skip`."""
+    """Swap every linear under `root` (whose name in the whole model is `prefix`) not covered by `skip` for a
+    QuantizedLinear of `weights`: nn.Linears, and the compact ones a checkpoint's format gave (GGUFLinear, or a
+    QuantizedLinear of another format: quantised again from their dequantised weights). A QuantizedLinear of
+    `weights` already keeps its weight and only takes `activations`."""
+    from .gguf import GGUFLinear
+
     for name, module in list(root.named_modules()):
         full = f"{prefix}.{name}" if prefix and name else prefix or name
-        if isinstance(module, nn.Linear) and not _skipped(full, skip):
-            # one at a time: once swapped, the float weight has no reference left in the model and is freed
+        if _skipped(full, skip):
+            continue
+        if isinstance(module, QuantizedLinear) and module.weights == weights:
+            module.activations = activations
+        elif isinstance(module, (nn.Linear, QuantizedLinear, GGUFLinear)):
+            # one at a time: once swapped, the old weight has no reference left in the model and is freed
             replace_module(root, name, QuantizedLinear.from_linear(module, weights, activations))
 
 

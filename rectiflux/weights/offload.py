@@ -27,17 +27,20 @@ class BlockWeights:
     streamed block then gives its pages back to the page cache after it ran (`advise_mapped`) and the background
     thread maps the next block's pages in advance, which costs page-table work instead of a copy of every weight.
     `prepare(block, dtype)` runs on each block right after it was read (casting to `dtype`, the model's dtype,
-    which `Flux.to` keeps up to date; quantisation; attention dtype).
+    which `Flux.to` keeps up to date; quantisation; attention dtype). With `rewrites`, prepare replaces the
+    mapped tensors (a GGUF file's blocks quantised again), whose pages are then given back at once: they would
+    stay resident beside the result.
     """
 
     def __init__(self, units: CheckpointUnits, mode: str, order: list[str],
                  prepare: Callable[[nn.Module, torch.dtype | None], None] | None = None, mapped: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, rewrites: bool = False):
         if mode not in ("lazy", "stream"):
             raise ValueError(f"unknown blocks mode {mode!r}; use 'memory', 'lazy' or 'stream'")
         # a streamed block may only use the mapped file where its pages can be given back after it ran
         mapped = mapped and (mode == "lazy" or CAN_DROP_MAPPED_PAGES)
         self.units, self.mode, self.prepare, self.mapped, self.dtype = units, mode, prepare, mapped, dtype
+        self.rewrites = rewrites
         self.on_read: list[Callable[[str, nn.Module], None]] = []  # told of each block once it is read (LoRA)
         self.next = dict(zip(order, [*order[1:], order[0]], strict=True)) if order else {}
         self.loaded: set[str] = set()
@@ -72,6 +75,8 @@ class BlockWeights:
             load_into(block, state, None, f"{self.units.what} ({name})")
             if self.prepare is not None:
                 self.prepare(block, self.dtype)
+                if mapped and self.rewrites:
+                    advise_mapped(self.units.mapped_tensors(name), "drop")
             for told in self.on_read:
                 told(name, block)
         self.loaded.add(name)

@@ -279,9 +279,11 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
             if prepare is not None and block is not model.final_layer:  # `prepare` is for blocks
                 prepare(block)
 
-        # GGUF bytes are used as the reader maps them, like tensors used as stored
+        # GGUF bytes are used as the reader maps them, like tensors used as stored; quantised again by `prepare`,
+        # their pages are given back
+        gguf = not isinstance(units, CheckpointUnits)
         weights = BlockWeights(units, "stream" if blocks == "stream" else "lazy", on_demand, cast_and_prepare,
-                               mapped=as_stored or not isinstance(units, CheckpointUnits), dtype=dtype)
+                               mapped=as_stored or gguf, dtype=dtype, rewrites=gguf and prepare is not None)
         if blocks == "memory":  # one block at a time: peak is the rewritten model plus one block as stored
             device_now = model.img_in.weight.device
             for name in on_demand:

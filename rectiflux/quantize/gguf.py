@@ -343,8 +343,9 @@ class GGUFLinear(nn.Module):
             module.bias = nn.Parameter(bias.detach(), requires_grad=False)
         return module
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize(self.weight, self.qtype, (self.out_features, self.in_features), dtype)
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> Tensor:
+        raw = self.weight[rows]
+        return dequantize(raw, self.qtype, (raw.shape[0], self.in_features), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

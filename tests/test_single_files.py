@@ -574,5 +574,8 @@ def test_cli_finds_loras_in_the_comfyui_tree(files, tmp_path, monkeypatch):
     with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "lora.png") as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))
     # the server offers the tree's LoRAs unless --lora-dir names another folder
+    (tree / "loras" / "flux").mkdir()  # subfolders too, by the file's stem
+    shutil.copy(tree / "loras" / "style.safetensors", tree / "loras" / "flux" / "detail.sft")
     served = lora_catalogue(argparse.Namespace(loras=[], lora_dir=None, comfyui_models=str(tree)))
-    assert [(v.name, v.active) for v in served] == [("style", False)]
+    assert [(v.name, v.active) for v in served] == [("detail", False), ("style", False)]
+    assert served[0].path == str(tree / "loras" / "flux" / "detail.sft")

@@ -41,7 +41,8 @@ def add_parsers(commands) -> None:
                    help="jobs that may wait; more are answered 429 at once (default: 32)")
     g.add_argument("--data", default="rectiflux-data", metavar="DIR",
                    help="where the history (SQLite), the images and the uploads live (default: ./rectiflux-data)")
-    g.add_argument("--lora-dir", metavar="DIR", help="offer every .safetensors LoRA in DIR (off unless a request "
+    g.add_argument("--lora-dir", metavar="DIR", help="offer every .safetensors LoRA in DIR and its subfolders, by "
+                                                    "file name without suffix (off unless a request "
                                                     "names it; default: the loras/ of --comfyui-models); --lora ones "
                                                     "are on by default")
     g.add_argument("--max-upload-mb", type=whole_type("the upload limit"), default=32, metavar="MB",
@@ -60,6 +61,7 @@ def add_parsers(commands) -> None:
 
 def lora_catalogue(args: argparse.Namespace) -> list[Any]:
     from ..server.engine import Lora
+    from ..weights.checkpoint import SAFETENSORS_SUFFIXES
 
     loras: dict[str, Lora] = {}
     for path, scale in args.loras:
@@ -75,7 +77,8 @@ def lora_catalogue(args: argparse.Namespace) -> list[Any]:
     if folder is not None:
         if not folder.is_dir():
             raise UsageError(f"no folder at {folder} (--lora-dir)")
-        for path in sorted(folder.glob("*.safetensors")):
+        # subfolders too, named by the file's stem, as AUTOMATIC1111 and ComfyUI list their LoRA folders
+        for path in sorted(p for p in folder.rglob("*") if p.suffix in SAFETENSORS_SUFFIXES and p.is_file()):
             if path.stem not in loras:
                 loras[path.stem] = Lora(path.stem, str(path.absolute()), 1.0, active=False)
     return list(loras.values())

@@ -244,7 +244,8 @@ def load(source: str | os.PathLike | None = None,
     The kind (text-to-image, Fill, Control or Kontext) is read off the transformer's input width and, for Kontext
     (which has dev's weights), the diffusers pipeline class or the name; `kind=` says it outright.
     `quantize` ("int8", "int8-dynamic" for int8 activations too, or "float8") stores the transformer blocks'
-    linear layers in 8 bits with per-channel scales, each block as it is read.
+    linear layers in 8 bits with per-channel scales, each block as it is read; from a GGUF or fp8 file, quantised
+    again from the weights the file means (fp8 weights asked for in float8 stay as stored).
     `blocks` says when the transformer's blocks are read from disk: "lazy" (at first use: loading takes the
     time to read the headers), "memory" (now) or "stream" (before every use and freed after it: peak memory
     is about one block, for machines that cannot hold the model; slower, since every step reads the file).

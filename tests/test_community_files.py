@@ -221,6 +221,25 @@ def test_gguf_that_is_no_flux_transformer_is_refused_by_its_architecture(folder,
     assert "\n" not in str(e.value)
 
 
+def test_bitsandbytes_files_are_refused_by_name(folder, tmp_path):
+    """Forge's NF4 checkpoints: each block linear packed two codes a byte, with bitsandbytes' quantisation state."""
+    out = {}
+    for key, value in load_transformer(folder).state_dict().items():
+        name = "model.diffusion_model." + key
+        if key in block_linears({key: value}):
+            out[name] = torch.zeros(value.numel() // 2, 1, dtype=torch.uint8)
+            out[name + ".absmax"] = torch.ones(value.numel() // 64)
+            out[name + ".quant_map"] = torch.linspace(-1, 1, 16)
+            out[name + ".quant_state.bitsandbytes__nf4"] = torch.zeros(8, dtype=torch.uint8)
+        else:
+            out[name] = value.bfloat16()
+    save_file(out, tmp_path / "flux1-dev-bnb-nf4-v2.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path / "flux1-dev-bnb-nf4-v2.safetensors", vae=folder / "vae", text_encoders=folder)
+    assert "is quantised with bitsandbytes (NF4, as Forge's flux1-dev-bnb-nf4), which rectiflux does not read" in \
+        str(e.value) and "\n" not in str(e.value)
+
+
 def test_gguf_of_the_wrong_size_is_refused_by_name(folder, tmp_path):
     state = load_transformer(folder).state_dict()
     state["single_blocks.0.linear2.weight"] = state["single_blocks.0.linear2.weight"][:-1]

@@ -98,6 +98,10 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
 
         return path, gguf_config(path, axes_dim), False
     shapes = read_keys_and_shapes(path)
+    bnb = next((k.rpartition("bitsandbytes__")[2] for k in shapes if ".quant_state.bitsandbytes__" in k), None)
+    if bnb is not None:
+        raise CheckpointError(f"{path} is quantised with bitsandbytes ({bnb.upper()}, as Forge's flux1-dev-bnb-nf4), "
+                              "which rectiflux does not read: use a GGUF file (Q4_K is about its size) or an fp8 one")
     if is_diffusers_transformer(shapes):
         config_file = (path if path.is_dir() else path.parent) / "config.json"
         if not config_file.exists():

@@ -18,6 +18,7 @@ import rectiflux.quantize.gguf as gguf_module
 from rectiflux.pipelines.load import load
 from rectiflux.quantize.gguf import GGMLType, GGUFLinear, quantize_to_raw, write_gguf
 from rectiflux.quantize.linear import QuantizedLinear
+from rectiflux.quantize.nf4 import BnbLinear
 from rectiflux.weights.checkpoint import CheckpointError
 from rectiflux.weights.layout import unit_of
 from rectiflux.weights.transformer import load_transformer, save_transformer
@@ -193,13 +194,16 @@ def test_gguf_blocks_read_in_any_mode_give_the_same_model(folder, tmp_path, bloc
         assert torch.equal(lazy(*inputs), other(*inputs))  # a streamed block read again
 
 
-@pytest.mark.parametrize("kind", ["fp8", "gguf"])
-def test_fp8_and_gguf_files_compile_to_their_eager_images(folder, tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["fp8", "gguf", "bnb"])
+def test_compact_files_compile_to_their_eager_images(folder, tmp_path, kind, monkeypatch):
     state = load_transformer(folder).state_dict()
     if kind == "gguf":
         file = tmp_path / "t.gguf"
         gguf_file(state, file)  # a mix of quantised types: one graph per block layout of types
         monkeypatch.setattr(gguf_module, "COMPILED_CHUNK_ELEMENTS", 1 << 17)  # a few chunks per weight here too
+    elif kind == "bnb":
+        file = tmp_path / "nf4.safetensors"
+        bnb_file(state, file)
     else:
         file = tmp_path / "fp8.safetensors"
         save_file({k: v.contiguous() for k, v in scaled_fp8(state)[0].items()}, file)
@@ -221,23 +225,41 @@ def test_gguf_that_is_no_flux_transformer_is_refused_by_its_architecture(folder,
     assert "\n" not in str(e.value)
 
 
-def test_bitsandbytes_files_are_refused_by_name(folder, tmp_path):
-    """Forge's NF4 checkpoints: each block linear packed two codes a byte, with bitsandbytes' quantisation state."""
-    out = {}
-    for key, value in load_transformer(folder).state_dict().items():
+def bnb_file(state, path, nested=True, quant_type="nf4"):
+    """A Forge-style bitsandbytes checkpoint: every linear weight as bitsandbytes quantises it (codes, scales and
+    state, `QuantState.as_dict(packed=True)`), the rest in bfloat16, under `model.diffusion_model.`. Returns the
+    weights it means, by bitsandbytes' own dequantiser.
+
+    Only weights whose rows are whole 64-weight blocks, as all of FLUX.1's are: bitsandbytes 0.50's CPU dequantiser
+    misplaces the others (they come back farther from what was quantised than their codes say), so it is no
+    oracle for them."""
+    import bitsandbytes.functional as bnb
+
+    tensors, meant = {}, {}
+    for key, value in state.items():
         name = "model.diffusion_model." + key
-        if key in block_linears({key: value}):
-            out[name] = torch.zeros(value.numel() // 2, 1, dtype=torch.uint8)
-            out[name + ".absmax"] = torch.ones(value.numel() // 64)
-            out[name + ".quant_map"] = torch.linspace(-1, 1, 16)
-            out[name + ".quant_state.bitsandbytes__nf4"] = torch.zeros(8, dtype=torch.uint8)
+        if key.endswith(".weight") and value.ndim == 2 and value.shape[1] % 64 == 0:
+            codes, quant_state = bnb.quantize_4bit(value.float(), blocksize=64, quant_type=quant_type,
+                                                   compress_statistics=nested)
+            tensors[name] = codes
+            tensors |= {f"{name}.{k}": v.clone() for k, v in quant_state.as_dict(packed=True).items()}
+            meant[key] = bnb.dequantize_4bit(codes, quant_state).float()
         else:
-            out[name] = value.bfloat16()
-    save_file(out, tmp_path / "flux1-dev-bnb-nf4-v2.safetensors")
-    with pytest.raises(CheckpointError) as e:
-        load(tmp_path / "flux1-dev-bnb-nf4-v2.safetensors", vae=folder / "vae", text_encoders=folder)
-    assert "is quantised with bitsandbytes (NF4, as Forge's flux1-dev-bnb-nf4), which rectiflux does not read" in \
-        str(e.value) and "\n" not in str(e.value)
+            tensors[name] = value.bfloat16()
+            meant[key] = tensors[name].float()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return meant
+
+
+@pytest.mark.parametrize("nested", [True, False])  # Forge's first NF4 file, and its v2
+def test_bitsandbytes_file_matches_diffusers_on_its_dequantised_weights(folder, tmp_path, nested):
+    state = load_transformer(folder).state_dict()
+    file = tmp_path / "flux1-dev-bnb-nf4.safetensors"
+    meant = bnb_file(state, file, nested)
+    pipe = load(file, vae=folder / "vae", text_encoders=folder, blocks="memory")
+    assert_close(ours_image(pipe), diffusers_image(folder, tmp_path, meant))
+    linears = [m for m in pipe.transformer.modules() if isinstance(m, BnbLinear)]
+    assert len(linears) == len(block_linears(state)) and all(m.weight.dtype == torch.uint8 for m in linears)
 
 
 def test_gguf_of_the_wrong_size_is_refused_by_name(folder, tmp_path):
@@ -266,14 +288,17 @@ def lora_of(state, seed=0):
 def test_loras_on_fp8_and_gguf_files(folder, tmp_path):
     state = load_transformer(folder).state_dict()
     lora, deltas = lora_of(state)
-    for kind in ("fp8", "gguf"):
+    for kind in ("fp8", "gguf", "bnb"):
         if kind == "fp8":
             tensors, dequantised = scaled_fp8(state)
             file = tmp_path / "fp8.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, file)
-        else:
+        elif kind == "gguf":
             file = tmp_path / "q.gguf"
             dequantised = gguf_file(state, file)
+        else:
+            file = tmp_path / "nf4.safetensors"
+            dequantised = bnb_file(state, file)
         merged = {k: v + deltas[k] if k in deltas else v for k, v in dequantised.items()}
         want = diffusers_image(folder, tmp_path / kind, merged)
         pipe = load(file, vae=folder / "vae", text_encoders=folder)
@@ -285,14 +310,14 @@ def test_loras_on_fp8_and_gguf_files(folder, tmp_path):
             assert np.abs(ours_image(pipe) - want).max() < 0.05
             pipe.unfuse_lora()
         else:
-            with pytest.raises(ValueError, match="GGUF .* weights, which cannot be written back"):
+            with pytest.raises(ValueError, match="(GGUF|bitsandbytes) .* weights, which cannot be written back"):
                 pipe.fuse_lora()
         assert_close(ours_image(pipe), want)
         pipe.unload_lora_weights()
         assert np.array_equal(ours_image(pipe), before)
 
 
-@pytest.mark.parametrize("kind", ["fp8", "gguf"])
+@pytest.mark.parametrize("kind", ["fp8", "gguf", "bnb"])
 def test_compact_files_quantised_again(folder, tmp_path, kind):
     """quantize= on an fp8 or GGUF file quantises the blocks again from the weights the file means: the same model
     as the float file of those weights quantised alike, with a LoRA fused too; fp8 weights asked for in float8 are
@@ -302,9 +327,12 @@ def test_compact_files_quantised_again(folder, tmp_path, kind):
         tensors, dequantised = scaled_fp8(state)
         file = tmp_path / "fp8.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, file)
-    else:
+    elif kind == "gguf":
         file = tmp_path / "q.gguf"
         dequantised = gguf_file(state, file)
+    else:
+        file = tmp_path / "nf4.safetensors"
+        dequantised = bnb_file(state, file)
     model = load_transformer(folder)
     model.load_state_dict(dequantised)
     save_transformer(model, tmp_path / "float.safetensors", layout="bfl")
@@ -315,7 +343,7 @@ def test_compact_files_quantised_again(folder, tmp_path, kind):
         pipe = load(source, vae=folder / "vae", text_encoders=folder, quantize="int8-dynamic", kernels=kernels)
         images.append(ours_image(pipe))
         linears = [m for name, m in pipe.transformer.named_modules() if name.startswith(("double_", "single_"))
-                   and isinstance(m, (torch.nn.Linear, QuantizedLinear, GGUFLinear))]
+                   and isinstance(m, (torch.nn.Linear, QuantizedLinear, GGUFLinear, BnbLinear))]
         assert linears and all(isinstance(m, QuantizedLinear) and (m.weights, m.activations) == ("int8", "int8")
                                for m in linears)
         pipe.load_lora_weights(dict(lora))

@@ -136,7 +136,8 @@ class Adapters:
             target = models[component].get_submodule(module)
             in_features = adapter.in_channels if module == "img_in" and adapter.in_channels else \
                 getattr(target, "in_features", None) or target.weight.shape[1]
-            sides[component, module] = SideProduct.of(deltas, target.weight.shape[0], in_features)
+            rows = getattr(target, "out_features", None) or target.weight.shape[0]  # bnb weights are bytes
+            sides[component, module] = SideProduct.of(deltas, rows, in_features)
         # every check is done: from here on the pipeline changes
         readers = getattr(self.pipe.transformer.block_weights, "on_read", None)
         if readers is not None and self.block_read not in readers:
@@ -325,13 +326,15 @@ class Adapters:
     def _check_fusable(self, names: list[str]) -> None:
         from ..quantize.gguf import GGUFLinear
         from ..quantize.linear import QuantizedLinear
+        from ..quantize.nf4 import BnbLinear
 
         transformer = self.pipe.transformer
         for component, module_name in self._modules_of(names):
             module = self.models()[component].get_submodule(module_name)
-            if isinstance(module, GGUFLinear):
-                raise ValueError(f"{module_name} holds GGUF {module.qtype.name} weights, which cannot be written "
-                                 "back after a merge: use the LoRA unfused")
+            if isinstance(module, (GGUFLinear, BnbLinear)):
+                form = f"GGUF {module.qtype.name}" if isinstance(module, GGUFLinear) else "bitsandbytes 4-bit"
+                raise ValueError(f"{module_name} holds {form} weights, which cannot be written back after a merge: "
+                                 "use the LoRA unfused")
             if isinstance(module, QuantizedLinear) and getattr(transformer, "checkpoint", None) is None:
                 raise ValueError(f"{module_name} holds 8-bit weights whose float weights are not at hand (an 8-bit "
                                  "file): use the LoRA unfused")
@@ -379,6 +382,8 @@ class Adapters:
         units = self.pipe.transformer.checkpoint
         unit = ".".join(module_name.split(".")[:2]) if module_name.startswith(("double_blocks.", "single_blocks.")) \
             else module_name.split(".")[0]
+        if module_name + ".weight" in getattr(units, "bnb", {}):  # a bitsandbytes 4-bit weight, quantised again
+            return units.bnb_weight(module_name + ".weight", dequantized=True)[module_name + ".weight"]
         state = units.read(unit)
         name = module_name[len(unit) + 1:]
         weight = state[name + ".weight"]

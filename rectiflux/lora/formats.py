@@ -322,10 +322,11 @@ def parse(state: dict[str, Tensor], names: Names, metadata: dict | None = None, 
             unplaced.extend(f"{module}.{s}" for s in tensors)
             continue
         target = names.modules[component, ours]
-        # a linear's in_features, not its weight's width: a GGUF weight is stored as bytes
+        # a linear's in_features and out_features, not its weight's shape: GGUF and bitsandbytes weights are bytes
         expected_in = getattr(target, "in_features", None) or (target.weight.shape[1] if target.weight.ndim > 1
                                                                else None)
-        expected_rows = (rows[1] - rows[0]) if rows else target.weight.shape[0]
+        expected_rows = (rows[1] - rows[0]) if rows else getattr(target, "out_features", None) or \
+            target.weight.shape[0]
         got_rows, got_in = delta.shape if delta.kind != "bias" else (expected_rows, expected_in)
         if component == "transformer" and ours == "img_in" and got_in > expected_in and got_rows == expected_rows:
             in_channels = got_in  # a control LoRA: img_in widened to read the control image's latents too

@@ -437,10 +437,11 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_linears(root: nn.Module, prefix: str, weights: str, activations: str | None,
                       skip: Iterable[str]) -> None:
     """Swap every linear under `root` (whose name in the whole model is `prefix`) not covered by `skip` for a
-    QuantizedLinear of `weights`: nn.Linears, and the compact ones a checkpoint's format gave (GGUFLinear, or a
-    QuantizedLinear of another format: quantised again from their dequantised weights). A QuantizedLinear of
-    `weights` already keeps its weight and only takes `activations`."""
+    QuantizedLinear of `weights`: nn.Linears, and the compact ones a checkpoint's format gave (GGUFLinear,
+    BnbLinear, or a QuantizedLinear of another format: quantised again from their dequantised weights). A
+    QuantizedLinear of `weights` already keeps its weight and only takes `activations`."""
     from .gguf import GGUFLinear
+    from .nf4 import BnbLinear
 
     for name, module in list(root.named_modules()):
         full = f"{prefix}.{name}" if prefix and name else prefix or name
@@ -448,7 +449,7 @@ def quantize_linears(root: nn.Module, prefix: str, weights: str, activations: st
             continue
         if isinstance(module, QuantizedLinear) and module.weights == weights:
             module.activations = activations
-        elif isinstance(module, (nn.Linear, QuantizedLinear, GGUFLinear)):
+        elif isinstance(module, (nn.Linear, QuantizedLinear, GGUFLinear, BnbLinear)):
             # one at a time: once swapped, the old weight has no reference left in the model and is freed
             replace_module(root, name, QuantizedLinear.from_linear(module, weights, activations))
 

@@ -98,10 +98,10 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
 
         return path, gguf_config(path, axes_dim), False
     shapes = read_keys_and_shapes(path)
-    bnb = next((k.rpartition("bitsandbytes__")[2] for k in shapes if ".quant_state.bitsandbytes__" in k), None)
-    if bnb is not None:
-        raise CheckpointError(f"{path} is quantised with bitsandbytes ({bnb.upper()}, as Forge's flux1-dev-bnb-nf4), "
-                              "which rectiflux does not read: use a GGUF file (Q4_K is about its size) or an fp8 one")
+    if is_diffusers_transformer(shapes) and any(".quant_state.bitsandbytes__" in k for k in shapes):
+        raise CheckpointError(f"{path} is a diffusers-layout transformer quantised with bitsandbytes, which rectiflux "
+                              "does not read (its q, k and v are fused at load): use a BFL-layout file such as Forge's "
+                              "flux1-dev-bnb-nf4, a GGUF file or an fp8 one")
     if is_diffusers_transformer(shapes):
         config_file = (path if path.is_dir() else path.parent) / "config.json"
         if not config_file.exists():
@@ -119,6 +119,9 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
     ours = _ours(shapes, transformer_prefix(shapes, prefix))
     if not ours:
         raise CheckpointError(f"{path} holds no transformer tensor under the prefix {prefix!r}")
+    if any(".quant_state.bitsandbytes__" in k for k in ours):  # 4-bit weights: their shapes are in their states
+        units = CheckpointUnits(path, None, False, f"BFL transformer {path}", prefix)
+        ours = {k: units.shape(k) for k in units.parts}
     return path, transformer_config_from_shapes(ours, axes_dim), False
 
 
@@ -133,7 +136,10 @@ class CheckpointUnits:
     their scale.
     """
 
-    def __init__(self, path: Path, cfg: FluxConfig, diffusers_layout: bool, what: str, prefix: str | None = None):
+    def __init__(self, path: Path, cfg: FluxConfig | None, diffusers_layout: bool, what: str,
+                 prefix: str | None = None):
+        from ..quantize.nf4 import parse_state, quant_states, side_keys
+
         self.path, self.what = path, what
         self._mapped: dict[str, Tensor] | None = None
         self._droppable = False  # whether _mapped really is file mappings, whose pages can be given back
@@ -142,6 +148,9 @@ class CheckpointUnits:
         self.stored: dict[str, str] = {}  # our name -> stored name, for tensors used exactly as stored
         self.scales: dict[str, TensorSpan] = {}  # our weight name -> its scale_weight (ComfyUI scaled fp8)
         self.float8: set[str] = set()
+        # our weight name -> (its bitsandbytes 4-bit state, its side tensors by name); the ones given a BnbLinear
+        self.bnb: dict[str, tuple[dict, dict[str, TensorSpan]]] = {}
+        self.bnb_compact: set[str] = set()
         if diffusers_layout:
             for ours, theirs in transformer_parts(cfg).items():
                 for our_suffix, their_suffix in tensor_suffixes(ours):
@@ -166,6 +175,14 @@ class CheckpointUnits:
                 if math.prod(scale.shape) != 1:  # read() multiplies by one number
                     raise CheckpointError(f"{what}: {key} has shape {scale.shape}; only per-tensor scales are read")
                 self.scales[key.removesuffix(WEIGHT_SCALE) + ".weight"] = scale
+            for weight_key, state_key in quant_states(renamed).items():
+                span = renamed.pop(state_key)
+                state = parse_state(read_rows([(span, 0, span.shape[0])]), f"{what}: {weight_key}")
+                sides = {name: renamed.pop(key) for name, key in side_keys(weight_key, renamed).items()}
+                if weight_key not in renamed or not {"absmax", "quant_map"} <= sides.keys():
+                    raise CheckpointError(f"{what}: the bitsandbytes weight {weight_key} lacks its packed codes or "
+                                          "their scales")
+                self.bnb[weight_key] = (state, sides)
             self.stored.update({k: prefix + k for k in renamed})
         self.parts.update({k: [(v, 0, v.shape[0] if v.shape else 1)] for k, v in renamed.items()})
         self.units: dict[str, list[str]] = {}
@@ -176,6 +193,9 @@ class CheckpointUnits:
         return self.parts[key][0][0].dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape as the model takes it: a bitsandbytes weight's own, unless a BnbLinear takes it packed."""
+        if key in self.bnb and key not in self.bnb_compact:
+            return self.bnb[key][0]["shape"]
         first = self.parts[key][0][0]
         if len(self.parts[key]) == 1:
             return first.shape
@@ -185,6 +205,8 @@ class CheckpointUnits:
         """Refuse, naming the tensors, a checkpoint whose names or shapes do not fit `model`."""
         shapes = {k: self.shape(k) for k in self.parts}
         shapes |= {_scale_name(k): self.shape(k)[:1] for k in self.float8}
+        shapes |= {f"{k.removesuffix('weight')}{name}": span.shape for k in self.bnb_compact
+                   for name, span in self.bnb[k][1].items()}
         check_fits(model, shapes, self.what)
 
     def read(self, unit: str, mapped: bool = False) -> dict[str, Tensor]:
@@ -200,6 +222,9 @@ class CheckpointUnits:
         strip = len(unit) + 1
         out = {}
         for k in self.units.get(unit, []):
+            if k in self.bnb:
+                out |= {name[strip:]: t for name, t in self.bnb_weight(k).items()}
+                continue
             tensor = self._mapped[self.stored[k]] if mapped and k in self.stored else read_rows(self.parts[k]).view(
                 self.shape(k))
             scale = read_rows([(self.scales[k], 0, 1)]).float().reshape(()) if k in self.scales else None
@@ -210,6 +235,22 @@ class CheckpointUnits:
                 tensor = tensor.float() * scale
             out[k[strip:]] = tensor
         return out
+
+    def bnb_weight(self, key: str, dequantized: bool = False) -> dict[str, Tensor]:
+        """A bitsandbytes weight as a BnbLinear takes it (packed codes and side tensors, by their names in the
+        model), or dequantised to float32 where it is no BnbLinear's (or with `dequantized`)."""
+        from ..quantize.nf4 import dequantize
+
+        state, sides = self.bnb[key]
+        packed = read_rows(self.parts[key])
+        side = {name: read_rows([(span, 0, span.shape[0] if span.shape else 1)]).view(span.shape)
+                for name, span in sides.items()}
+        if key in self.bnb_compact and not dequantized:
+            module = key.removesuffix("weight")
+            return {key: packed, **{module + name: t for name, t in side.items()}}
+        return {key: dequantize(packed, side["absmax"], side["quant_map"], state["blocksize"], state["shape"],
+                                side.get("nested_absmax"), side.get("nested_quant_map"), state["nested_blocksize"],
+                                state["nested_offset"])}
 
     def mapped_tensors(self, unit: str) -> list[Tensor]:
         """The memory-mapped views `read(unit, mapped=True)` hands out, whose pages can be given back and mapped
@@ -326,6 +367,14 @@ def keep_compact(model: Flux, units, block_names: list[str]) -> bool:
             module = GGUFLinear(linear.in_features, linear.out_features, units.quantized[key],
                                 bias=linear.bias is not None, device="meta")
             units.compact.add(key)
+        elif key in getattr(units, "bnb", {}):
+            from ..quantize.nf4 import BnbLinear
+
+            state, sides = units.bnb[key]
+            module = BnbLinear(linear.in_features, linear.out_features, state["blocksize"], "nested_absmax" in sides,
+                               bias=linear.bias is not None, nested_blocksize=state["nested_blocksize"],
+                               nested_offset=state["nested_offset"], device="meta")
+            units.bnb_compact.add(key)
         elif units.dtype(key) in FLOAT8_DTYPES:
             module = QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, "float8",
                                      device="meta")

@@ -251,11 +251,12 @@ def bnb_file(state, path, nested=True, quant_type="nf4"):
     return meant
 
 
-@pytest.mark.parametrize("nested", [True, False])  # Forge's first NF4 file, and its v2
-def test_bitsandbytes_file_matches_diffusers_on_its_dequantised_weights(folder, tmp_path, nested):
+# Forge's first NF4 file (nested scales), its v2 (float32 scales), and bitsandbytes' other 4-bit code
+@pytest.mark.parametrize(("nested", "quant_type"), [(True, "nf4"), (False, "nf4"), (True, "fp4")])
+def test_bitsandbytes_file_matches_diffusers_on_its_dequantised_weights(folder, tmp_path, nested, quant_type):
     state = load_transformer(folder).state_dict()
     file = tmp_path / "flux1-dev-bnb-nf4.safetensors"
-    meant = bnb_file(state, file, nested)
+    meant = bnb_file(state, file, nested, quant_type)
     pipe = load(file, vae=folder / "vae", text_encoders=folder, blocks="memory")
     assert_close(ours_image(pipe), diffusers_image(folder, tmp_path, meant))
     linears = [m for m in pipe.transformer.modules() if isinstance(m, BnbLinear)]

@@ -1,4 +1,5 @@
-"""GGUF transformers of FLUX.1-dev's size on this machine: peak memory and time of one 256x256 denoising step.
+"""GGUF (and bitsandbytes NF4) transformers of FLUX.1-dev's size on this machine: peak memory and time of one
+256x256 denoising step.
 
     python -m benchmarks.gguf [--types Q8_0,Q4_K] [--dtypes float32,auto,auto+compile,auto+int8-dynamic]
                               [--compiled-chunk N]
@@ -7,7 +8,8 @@
 Writes a random transformer with FLUX.1-dev's config (19 double + 38 single blocks, hidden 3072, guidance
 embedder) as a GGUF file in city96's layout for each type: the blocks' linear weights in that type (random blocks
 with small scales: the arithmetic does not care what the weights are), the rest F32, streamed tensor by tensor so
-the writer never holds more than one. Then, in a fresh process per file, `rectiflux.weights.load_transformer`
+the writer never holds more than one; `--types NF4` writes Forge's bitsandbytes NF4 layout instead (a safetensors
+file; 4-bit codes with a float32 scale per 64 weights, kept so in memory). Then, in a fresh process per file, `rectiflux.weights.load_transformer`
 (blocks read at first use, quantised weights kept as the file's mapped bytes and dequantised per product) runs
 one warm-up call and then two timed transformer calls on a 256x256 image (256 image tokens) with 64 T5 tokens,
 each part as one generation (the heap's free memory handed back at its end, as a pipeline's images do), and
@@ -74,6 +76,60 @@ def write_random_gguf(file: Path, qtype_name: str, seed: int = 0) -> int:
         else:
             writer.write_tensor_data((torch.randn(shape, generator=g) * 0.02).numpy())
     writer.close()
+    os.sync()
+    tmp.rename(file)
+    return file.stat().st_size
+
+
+def write_random_nf4(file: Path, seed: int = 0) -> int:
+    """Forge's NF4 v2 layout as a safetensors file, streamed tensor by tensor: the blocks' linear weights as
+    bitsandbytes stores them (random codes two a byte, a float32 scale per 64 weights, 16 code values, the JSON
+    state), the rest F32, under `model.diffusion_model.`."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from benchmarks.dev8bit import dev_config
+    from rectiflux.flux.transformer import Flux
+    from rectiflux.weights.layout import unit_of
+
+    with torch.device("meta"):
+        model = Flux(dev_config())
+    entries = []  # (name, safetensors dtype, shape, what to write)
+    for key, t in model.state_dict(keep_vars=True).items():
+        name, shape = "model.diffusion_model." + key, tuple(t.shape)
+        if key.endswith(".weight") and len(shape) == 2 and unit_of(key).startswith(("double_", "single_")):
+            n = shape[0] * shape[1]
+            state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": list(shape)})
+            entries += [(name, "U8", (n // 2, 1), "codes"), (name + ".absmax", "F32", (n // 64,), "scales"),
+                        (name + ".quant_map", "F32", (16,), "map"),
+                        (name + ".quant_state.bitsandbytes__nf4", "U8", (len(state),), state.encode())]
+        else:
+            entries.append((name, "F32", shape, "normal"))
+    header, offset = {}, 0
+    for name, dtype, shape, _ in entries:
+        size = int(np.prod(shape)) * (1 if dtype == "U8" else 4)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    g = torch.Generator().manual_seed(seed)
+    tmp = file.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        out.write(len(text).to_bytes(8, "little") + text)
+        for _, _, shape, what in entries:
+            if what == "codes":
+                data = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+            elif what == "scales":
+                data = torch.rand(shape, generator=g) * 0.02
+            elif what == "map":
+                data = torch.linspace(-1, 1, 16)
+            elif isinstance(what, bytes):
+                data = torch.frombuffer(bytearray(what), dtype=torch.uint8)
+            else:
+                data = torch.randn(shape, generator=g) * 0.02
+            out.write(data.numpy().tobytes())
     os.sync()
     tmp.rename(file)
     return file.stat().st_size
@@ -158,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.types.split(","):
-        file = work / f"flux1-dev-random-{name}.gguf"
+        file = work / (f"flux1-dev-random-{name}.gguf" if name != "NF4" else "flux1-dev-random-bnb-nf4.safetensors")
         if not file.exists():
             print(f"writing {file}", flush=True)
-            write_random_gguf(file, name)
+            write_random_gguf(file, name) if name != "NF4" else write_random_nf4(file)
         size_mib = file.stat().st_size / 2**20
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         for dtype in args.dtypes.split(","):

@@ -9,8 +9,9 @@ Writes a random transformer with FLUX.1-dev's config (19 double + 38 single bloc
 embedder) as a GGUF file in city96's layout for each type: the blocks' linear weights in that type (random blocks
 with small scales: the arithmetic does not care what the weights are), the rest F32, streamed tensor by tensor so
 the writer never holds more than one; `--types NF4` writes Forge's bitsandbytes NF4 layout instead (a safetensors
-file; 4-bit codes with a float32 scale per 64 weights, kept so in memory). Then, in a fresh process per file, `rectiflux.weights.load_transformer`
-(blocks read at first use, quantised weights kept as the file's mapped bytes and dequantised per product) runs
+file; 4-bit codes with a float32 scale per 64 weights, kept so in memory). Then, in a fresh process per file,
+`rectiflux.weights.load_transformer` (blocks read at first use, quantised weights kept as the file's mapped bytes
+and dequantised per product) runs
 one warm-up call and then two timed transformer calls on a 256x256 image (256 image tokens) with 64 T5 tokens,
 each part as one generation (the heap's free memory handed back at its end, as a pipeline's images do), and
 reports its peak resident memory (VmHWM) against the file's size: over the whole process, and over the second

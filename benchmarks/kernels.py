@@ -106,6 +106,12 @@ def gguf_rates(shape: tuple[int, int]) -> list[tuple[str, float]]:
             blocks[:, offset:offset + 2] = torch.full((blocks.shape[0],), 1e-3).half().view(torch.uint8).reshape(-1, 2)
         raw = blocks.reshape(byte_shape(shape, qtype))
         out.append((qtype.name, shape[0] * shape[1] / ms(lambda r=raw, q=qtype: dequantize(r, q, shape)) / 1e6))
+    from rectiflux.quantize import nf4  # bitsandbytes' NF4, as Forge's v2 files store it (float32 scales)
+
+    n = shape[0] * shape[1]
+    codes, scales = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8), torch.rand(n // 64) * 0.02
+    table = torch.linspace(-1, 1, 16)
+    out.append(("bitsandbytes NF4", n / ms(lambda: nf4.dequantize(codes, scales, table, 64, shape)) / 1e6))
     return out
 
 
@@ -169,7 +175,7 @@ def main() -> None:
         whole = ms(lambda: attention_by_head(q, k, v), 3)
     print(f"head by head in bfloat16, 2 heads x 4608 tokens, ms: {layers.SCORES_PER_PRODUCT // 4608} query rows per "
           f"product {chunked:.1f}, whole heads {whole:.1f}")
-    print("GGUF dequantisation of one GGUFLinear chunk (1365 x 3072 weights), G weights/s: " + ", ".join(
+    print("GGUF (and NF4) dequantisation of one GGUFLinear chunk (1365 x 3072 weights), G weights/s: " + ", ".join(
         f"{name} {rate:.2f}" for name, rate in gguf_rates((1365, 3072))))
     acc, token_scale = torch.randint(-2**20, 2**20, (1280, 10752), dtype=torch.int32), torch.rand(1280, 1)
     y = torch.empty(1280, 10752)

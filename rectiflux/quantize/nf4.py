@@ -67,7 +67,7 @@ def dequantize(weight: Tensor, absmax: Tensor, quant_map: Tensor, blocksize: int
     n = 1
     for d in shape:
         n *= d
-    # each byte's two values at once, looked up by 32-bit indices: twice as fast as unpacking the codes to int64
+    # each byte's two values at once, looked up by 32-bit indices: faster than unpacking the codes to int64
     # indices first, with the same values
     byte = torch.arange(256, device=quant_map.device)
     pairs = torch.stack((quant_map.float()[byte >> 4], quant_map.float()[byte & 15]), -1)

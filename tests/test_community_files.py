@@ -196,17 +196,10 @@ def test_gguf_blocks_read_in_any_mode_give_the_same_model(folder, tmp_path, bloc
 
 @pytest.mark.parametrize("kind", ["fp8", "gguf", "bnb"])
 def test_compact_files_compile_to_their_eager_images(folder, tmp_path, kind, monkeypatch):
-    state = load_transformer(folder).state_dict()
+    # a GGUF file of mixed quantised types: one graph per block layout of types
+    file, _, _ = compact_file(kind, load_transformer(folder).state_dict(), tmp_path)
     if kind == "gguf":
-        file = tmp_path / "t.gguf"
-        gguf_file(state, file)  # a mix of quantised types: one graph per block layout of types
         monkeypatch.setattr(gguf_module, "COMPILED_CHUNK_ELEMENTS", 1 << 17)  # a few chunks per weight here too
-    elif kind == "bnb":
-        file = tmp_path / "nf4.safetensors"
-        bnb_file(state, file)
-    else:
-        file = tmp_path / "fp8.safetensors"
-        save_file({k: v.contiguous() for k, v in scaled_fp8(state)[0].items()}, file)
     eager = ours_image(load(file, vae=folder / "vae", text_encoders=folder))
     torch._dynamo.reset()
     counters.clear()
@@ -286,20 +279,23 @@ def lora_of(state, seed=0):
     return sd, deltas
 
 
-def test_loras_on_fp8_and_gguf_files(folder, tmp_path):
+def compact_file(kind, state, folder):
+    """A file of `kind` holding `state` in `folder`: ComfyUI's scaled fp8 ("fp8"), GGUF ("gguf") or Forge's NF4
+    ("bnb"). Returns its path, the weights it means, and the fp8 file's tensors (None for the others)."""
+    if kind == "fp8":
+        tensors, meant = scaled_fp8(state)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "fp8.safetensors")
+        return folder / "fp8.safetensors", meant, tensors
+    if kind == "gguf":
+        return folder / "q.gguf", gguf_file(state, folder / "q.gguf"), None
+    return folder / "nf4.safetensors", bnb_file(state, folder / "nf4.safetensors"), None
+
+
+def test_loras_on_compact_files(folder, tmp_path):
     state = load_transformer(folder).state_dict()
     lora, deltas = lora_of(state)
     for kind in ("fp8", "gguf", "bnb"):
-        if kind == "fp8":
-            tensors, dequantised = scaled_fp8(state)
-            file = tmp_path / "fp8.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, file)
-        elif kind == "gguf":
-            file = tmp_path / "q.gguf"
-            dequantised = gguf_file(state, file)
-        else:
-            file = tmp_path / "nf4.safetensors"
-            dequantised = bnb_file(state, file)
+        file, dequantised, _ = compact_file(kind, state, tmp_path)
         merged = {k: v + deltas[k] if k in deltas else v for k, v in dequantised.items()}
         want = diffusers_image(folder, tmp_path / kind, merged)
         pipe = load(file, vae=folder / "vae", text_encoders=folder)
@@ -320,20 +316,11 @@ def test_loras_on_fp8_and_gguf_files(folder, tmp_path):
 
 @pytest.mark.parametrize("kind", ["fp8", "gguf", "bnb"])
 def test_compact_files_quantised_again(folder, tmp_path, kind):
-    """quantize= on an fp8 or GGUF file quantises the blocks again from the weights the file means: the same model
-    as the float file of those weights quantised alike, with a LoRA fused too; fp8 weights asked for in float8 are
-    kept as stored."""
+    """quantize= on an fp8, GGUF or bitsandbytes file quantises the blocks again from the weights the file means:
+    the same model as the float file of those weights quantised alike, with a LoRA fused too; fp8 weights asked
+    for in float8 are kept as stored."""
     state = load_transformer(folder).state_dict()
-    if kind == "fp8":
-        tensors, dequantised = scaled_fp8(state)
-        file = tmp_path / "fp8.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, file)
-    elif kind == "gguf":
-        file = tmp_path / "q.gguf"
-        dequantised = gguf_file(state, file)
-    else:
-        file = tmp_path / "nf4.safetensors"
-        dequantised = bnb_file(state, file)
+    file, dequantised, tensors = compact_file(kind, state, tmp_path)
     model = load_transformer(folder)
     model.load_state_dict(dequantised)
     save_transformer(model, tmp_path / "float.safetensors", layout="bfl")

@@ -305,7 +305,7 @@ def load_transformer(path: str | os.PathLike, dtype: torch.dtype | str | None = 
     # dtype, quantised), a mapping would keep the pages it touched resident beside the result, so those read
     # into fresh memory that is freed once the block is rewritten. Compact weights count as rewritten here:
     # their float parts are, and GGUF files are mapped by their reader anyway.
-    as_stored = prepare is None and not compact and isinstance(units, CheckpointUnits) and all(
+    as_stored = prepare is None and not compact and isinstance(units, CheckpointUnits) and not units.bnb and all(
         dtype in (None, units.dtype(k)) for k in units.parts if units.dtype(k).is_floating_point)
     if blocks == "memory" and as_stored:
         mapped = read_state_dict(path)  # memory-mapped: nothing is read until used

@@ -579,3 +579,28 @@ def test_cli_finds_loras_in_the_comfyui_tree(files, tmp_path, monkeypatch):
     served = lora_catalogue(argparse.Namespace(loras=[], lora_dir=None, comfyui_models=str(tree)))
     assert [(v.name, v.active) for v in served] == [("detail", False), ("style", False)]
     assert served[0].path == str(tree / "loras" / "flux" / "detail.sft")
+
+
+def test_forge_models_tree(files, folder_image, tmp_path, monkeypatch):
+    """Forge's models/ folder: Stable-diffusion/, VAE/, text_encoder/ and Lora/ stand for ComfyUI's folders."""
+    from rectiflux import cli
+    from rectiflux.cli.recipe import read_recipe
+
+    folder, out = files
+    tree = tmp_path / "models"
+    for sub, name in (("Stable-diffusion", "flux1-tiny.safetensors"), ("VAE", "ae.safetensors"),
+                      ("text_encoder", "clip_l.safetensors"), ("text_encoder", "t5xxl_fp16.safetensors")):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / name, tree / sub / name)
+    (tree / "Lora").mkdir()
+    qkv = load_file(out / "flux1-tiny.safetensors")["double_blocks.0.img_attn.qkv.weight"]
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(4, qkv.shape[1]),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(qkv.shape[0], 4) * 0.1},
+              tree / "Lora" / "style.safetensors")
+    assert np.abs(image(load(tree, tokenizers=folder)) - folder_image).max() < 1e-6
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "a red circle", "--comfyui-models", tree, "--tokenizers", folder, "--steps", "1", "--width",
+            "32", "--height", "32", "--max-sequence-length", "16", "--lora", "style.safetensors", "-o", "a.png"]
+    assert cli.main([*map(str, args)]) == 0
+    assert read_recipe(tmp_path / "a.png")["loras"][0]["file"] == str(tree / "Lora" / "style.safetensors")

@@ -108,13 +108,19 @@ def lora_type(text: str) -> tuple[str, float]:
     return str(text), 1.0
 
 
+def lora_folder(tree: str | None) -> Path | None:
+    """The LoRA folder of a --comfyui-models tree: ComfyUI's loras/ or Forge's Lora/, if it has one."""
+    if not tree:
+        return None
+    return next((Path(tree) / name for name in ("loras", "Lora") if (Path(tree) / name).is_dir()), None)
+
+
 def loras_in_tree(args: argparse.Namespace) -> None:
-    """--lora given as a file name in the --comfyui-models tree's loras/ (where ComfyUI's LoRA loader looks)
-    becomes that file's path."""
-    tree = getattr(args, "comfyui_models", None)
-    if not tree or not getattr(args, "loras", None):
+    """--lora given as a file name in the --comfyui-models tree's LoRA folder (where ComfyUI's and Forge's LoRA
+    loaders look) becomes that file's path."""
+    folder = lora_folder(getattr(args, "comfyui_models", None))
+    if folder is None or not getattr(args, "loras", None):
         return
-    folder = Path(tree) / "loras"
     args.loras = [(str(folder / path) if not Path(path).exists() and (folder / path).is_file() else path, scale)
                   for path, scale in args.loras]
 
@@ -154,7 +160,8 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="a ComfyUI models/ folder: the transformer from diffusion_models/ or unet/ (--model may name "
                         "a file there), --vae from vae/, --clip and --t5 from clip/ or text_encoders/, each told by "
                         "its tensors (other families' models beside them are passed over); where several fit, the "
-                        "flag of that part chooses; --lora may name a file in its loras/")
+                        "flag of that part chooses; --lora may name a file in its loras/. Forge's models/ folder "
+                        "too (Stable-diffusion/, VAE/, text_encoder/, Lora/)")
     g.add_argument("--lora", type=lora_type, action="append", dest="loras", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA (any common format: diffusers/peft, kohya, XLabs, LyCORIS, ComfyUI) at SCALE "
                         "(default 1); repeatable, the LoRAs add up; with --comfyui-models also a file name in its "

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .options import UsageError, cache_option, debug_option, model_options, whole_type
+from .options import UsageError, cache_option, debug_option, lora_folder, model_options, whole_type
 
 DEFAULT_PORT = 8188  # ComfyUI's, which the tools that find local servers try first
 
@@ -41,10 +41,10 @@ def add_parsers(commands) -> None:
                    help="jobs that may wait; more are answered 429 at once (default: 32)")
     g.add_argument("--data", default="rectiflux-data", metavar="DIR",
                    help="where the history (SQLite), the images and the uploads live (default: ./rectiflux-data)")
-    g.add_argument("--lora-dir", metavar="DIR", help="offer every .safetensors LoRA in DIR and its subfolders, by "
-                                                    "file name without suffix (off unless a request "
-                                                    "names it; default: the loras/ of --comfyui-models); --lora ones "
-                                                    "are on by default")
+    g.add_argument("--lora-dir", metavar="DIR",
+                   help="offer every .safetensors LoRA in DIR and its subfolders, by file name without suffix (off "
+                        "unless a request names it; default: the loras/ or Lora/ of --comfyui-models); --lora ones "
+                        "are on by default")
     g.add_argument("--max-upload-mb", type=whole_type("the upload limit"), default=32, metavar="MB",
                    help="largest image a request may send, in MiB (default: 32)")
     g.add_argument("--max-upload-megapixels", type=whole_type("the pixel limit"), default=64, metavar="MP",
@@ -71,9 +71,7 @@ def lora_catalogue(args: argparse.Namespace) -> list[Any]:
         if name in loras:
             raise UsageError(f"two LoRAs are named {name} (--lora): rename one")
         loras[name] = Lora(name, os.path.abspath(path), scale, active=True)
-    folder = Path(args.lora_dir) if args.lora_dir else None
-    if folder is None and args.comfyui_models and (Path(args.comfyui_models) / "loras").is_dir():
-        folder = Path(args.comfyui_models) / "loras"
+    folder = Path(args.lora_dir) if args.lora_dir else lora_folder(args.comfyui_models)
     if folder is not None:
         if not folder.is_dir():
             raise UsageError(f"no folder at {folder} (--lora-dir)")

@@ -1,5 +1,5 @@
 """Which models a safetensors file holds, told by its tensor names (never by its file name), and ComfyUI's
-`models/` tree.
+`models/` tree (or Forge's).
 
 ComfyUI's files nest each model under a prefix: a checkpoint holding everything keeps the transformer under
 `model.diffusion_model.`, the autoencoder under `vae.` or `first_stage_model.`, CLIP under
@@ -153,16 +153,19 @@ def is_umt5(keys: Iterable[str], prefix: str = "") -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ComfyUI's models/ tree
+# ComfyUI's models/ tree, and Forge's
 
-FOLDERS = {"transformer": ("diffusion_models", "unet", "checkpoints"), "vae": ("vae",),
-           "clip": ("clip", "text_encoders"), "t5": ("clip", "text_encoders")}
+# where each kind lies: ComfyUI's folders, then Forge's (Stable-diffusion/, VAE/, text_encoder/)
+FOLDERS = {"transformer": ("diffusion_models", "unet", "checkpoints", "Stable-diffusion"), "vae": ("vae", "VAE"),
+           "clip": ("clip", "text_encoders", "text_encoder"), "t5": ("clip", "text_encoders", "text_encoder")}
+TRANSFORMER_FOLDERS = ("diffusion_models", "unet", "Stable-diffusion")  # one of them makes a folder a tree
 
 
 def is_comfyui_tree(path: Path) -> bool:
-    """A ComfyUI `models/` folder (not a diffusers one): it has diffusion_models/ or unet/ and no transformer/."""
+    """A ComfyUI (or Forge) `models/` folder, not a diffusers one: it has diffusion_models/, unet/ or
+    Stable-diffusion/ and no transformer/."""
     return (path.is_dir() and not (path / "transformer").is_dir()
-            and any((path / name).is_dir() for name in ("diffusion_models", "unet")))
+            and any((path / name).is_dir() for name in TRANSFORMER_FOLDERS))
 
 
 class ComfyUIModels:
@@ -230,4 +233,6 @@ class ComfyUIModels:
         return found[0] if found else None
 
     def where(self, kind: str) -> str:
-        return ", ".join(f"{self.root / f}/" for f in FOLDERS[kind])
+        """The folders of `kind` this tree has (all it could have, if none)."""
+        folders = [f for f in FOLDERS[kind] if (self.root / f).is_dir()] or FOLDERS[kind]
+        return ", ".join(f"{self.root / f}/" for f in folders)

@@ -244,6 +244,29 @@ def bnb_file(state, path, nested=True, quant_type="nf4"):
     return meant
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_bnb_linear_in_row_chunks_matches_bitsandbytes(nested, monkeypatch):
+    """BnbLinear's products, a few rows of its weight dequantised at a time, against bitsandbytes' own weights."""
+    import bitsandbytes.functional as bnb
+
+    from rectiflux.quantize.nf4 import parse_state
+    from rectiflux.weights.checkpoint import load_into
+
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(300, 256, generator=g), torch.randn(5, 256, generator=g)
+    codes, quant_state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    stored = quant_state.as_dict(packed=True)
+    state = parse_state(stored.pop("quant_state.bitsandbytes__nf4"), "test")
+    module = BnbLinear(256, 300, 64, nested, bias=False, nested_blocksize=state["nested_blocksize"],
+                       nested_offset=state["nested_offset"], device="meta")
+    load_into(module, {"weight": codes, **stored}, None, "test")
+    want = x @ bnb.dequantize_4bit(codes, quant_state).float().t()
+    monkeypatch.setattr(gguf_module, "CHUNK_ELEMENTS", 7 * 256)  # chunks of 7 rows, the last one short
+    with torch.no_grad():
+        # outputs of about 30: the products' summation order alone differs; a misplaced row would be off by ~10
+        assert (module(x) - want).abs().max() < 1e-4
+
+
 # Forge's first NF4 file (nested scales), its v2 (float32 scales), and bitsandbytes' other 4-bit code
 @pytest.mark.parametrize(("nested", "quant_type"), [(True, "nf4"), (False, "nf4"), (True, "fp4")])
 def test_bitsandbytes_file_matches_diffusers_on_its_dequantised_weights(folder, tmp_path, nested, quant_type):

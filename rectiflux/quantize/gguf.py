@@ -309,6 +309,26 @@ CHUNK_ELEMENTS = 1 << 22  # weights dequantised per product: 16 MB of float32
 COMPILED_CHUNK_ELEMENTS = 1 << 24  # the same in a compiled block
 
 
+def dequantized_product(linear: nn.Module, x: Tensor, chunked: bool = True) -> Tensor:
+    """x @ weight.T + bias for a linear whose weight stays compact in memory (GGUFLinear, nf4.BnbLinear): the
+    weight is dequantised to x's dtype for this product only, `linear.dequantized_weight(dtype, rows)` a few
+    thousand output rows at a time (unless not `chunked`).
+
+    A whole FLUX weight in float32 (up to 264 MB) and the dequantiser's temporaries, at every size the blocks have,
+    would leave the heap fragmented several GB above the file's size; chunks of one size are reused from one product
+    to the next. Compiled, the dequantiser fuses into one pass and the graph grows with every chunk (so does its
+    compile time), in memory a few chunks live at once: larger chunks are the middle (figures: docs/benchmarks.md).
+    """
+    bias = None if linear.bias is None else linear.bias.to(x.dtype)
+    chunk = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else CHUNK_ELEMENTS
+    rows = max(1, chunk // linear.in_features)
+    if linear.out_features <= rows or not chunked:
+        return F.linear(x, linear.dequantized_weight(x.dtype), bias)
+    return torch.cat([F.linear(x, linear.dequantized_weight(x.dtype, slice(start, start + rows)),
+                               None if bias is None else bias[start:start + rows])
+                      for start in range(0, linear.out_features, rows)], dim=-1)
+
+
 class GGUFLinear(nn.Module):
     """An inference-only `nn.Linear` whose weight stays GGML-quantised in memory.
 
@@ -348,22 +368,7 @@ class GGUFLinear(nn.Module):
         return dequantize(raw, self.qtype, (raw.shape[0], self.in_features), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        # compiled, the dequantiser fuses into one pass and the graph grows with every chunk (so does its compile
-        # time), in memory a few chunks live at once: larger chunks are the middle (figures: docs/benchmarks.md)
-        chunk = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else CHUNK_ELEMENTS
-        rows = max(1, chunk // self.in_features)
-        if self.out_features <= rows:
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        # A few thousand output rows at a time: a whole FLUX weight in float32 (up to 264 MB) and the dequantiser's
-        # temporaries, at every size the blocks have, would leave the heap fragmented several GB above the file's
-        # size; chunks of one size are reused from one product to the next.
-        out = []
-        for start in range(0, self.out_features, rows):
-            raw = self.weight[start:start + rows]
-            weight = dequantize(raw, self.qtype, (raw.shape[0], self.in_features), x.dtype)
-            out.append(F.linear(x, weight, None if bias is None else bias[start:start + rows]))
-        return torch.cat(out, dim=-1)
+        return dequantized_product(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -281,7 +281,7 @@ class QuantizedLinear(nn.Module):
                      device="meta")
         if isinstance(linear, nn.Linear):
             module.weight, module.weight_scale = quantize_weight(linear.weight, weights)
-        else:  # rows are quantised independently: a few at a time, while they are in the caches, twice as fast
+        else:  # rows are quantised independently: a few at a time, while they are in the caches
             module.weight = torch.empty(linear.out_features, linear.in_features, dtype=WEIGHT_DTYPES[weights],
                                         device=linear.weight.device)
             module.weight_scale = torch.empty(linear.out_features, dtype=torch.float32, device=linear.weight.device)

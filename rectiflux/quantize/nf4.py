@@ -11,17 +11,17 @@ times `W.nested_absmax` per block of `nested_blocksize` scales, plus the JSON's 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..weights.checkpoint import CheckpointError
+from .gguf import dequantized_product
 
 STATE_MARK = ".quant_state.bitsandbytes__"
 SIDE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # a weight's tensors beside it, and their names
-CHUNK_ELEMENTS = 1 << 22  # weights dequantised per product, as GGUFLinear's
 
 
 def quant_states(keys: Mapping[str, object]) -> dict[str, str]:
@@ -51,10 +51,7 @@ def parse_state(raw: Tensor, what: str) -> dict:
 
 def packed_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """How bitsandbytes stores a 4-bit weight of `shape`: (ceil(n / 2), 1) bytes."""
-    n = 1
-    for d in shape:
-        n *= d
-    return ((n + 1) // 2, 1)
+    return ((math.prod(shape) + 1) // 2, 1)
 
 
 def dequantize(weight: Tensor, absmax: Tensor, quant_map: Tensor, blocksize: int, shape: tuple[int, ...],
@@ -64,9 +61,7 @@ def dequantize(weight: Tensor, absmax: Tensor, quant_map: Tensor, blocksize: int
     """The float32 weights (cast to `dtype`) of `shape` that the packed bytes `weight` stand for, `weight` holding
     the elements from `first` on (a multiple of `blocksize`, where a chunk of rows starts) and `absmax` all the
     weight's scales."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     # each byte's two values at once, looked up by 32-bit indices: faster than unpacking the codes to int64
     # indices first, with the same values
     byte = torch.arange(256, device=quant_map.device)
@@ -125,15 +120,7 @@ class BnbLinear(nn.Module):
                           dtype, first)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        rows = max(1, CHUNK_ELEMENTS // self.in_features)
-        if self.out_features <= rows or not self._rows_aligned():
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        out = []
-        for start in range(0, self.out_features, rows):
-            part = slice(start, min(start + rows, self.out_features))
-            out.append(F.linear(x, self.dequantized_weight(x.dtype, part), None if bias is None else bias[part]))
-        return torch.cat(out, dim=-1)
+        return dequantized_product(self, x, chunked=self._rows_aligned())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

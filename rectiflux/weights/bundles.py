@@ -125,11 +125,6 @@ def read_models(file: str | os.PathLike) -> tuple[dict[str, str], dict[str, tupl
     return {}, shapes
 
 
-def models_in(path: str | os.PathLike) -> dict[str, str]:
-    """`find_models` of a safetensors file's tensor names (its header alone is read)."""
-    return find_models(read_keys_and_shapes(path), path)
-
-
 def width(shapes: Mapping[str, tuple[int, ...]], kind: str, prefix: str) -> int | None:
     """What must match the transformer, or None where the shapes do not say: a text encoder's width (CLIP's hidden
     size, T5's d_model, from its embedding), an autoencoder's latent channels (SD and SDXL ones have 4, FLUX's 16;

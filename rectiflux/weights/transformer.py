@@ -97,8 +97,10 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
         from .gguf import gguf_config
 
         return path, gguf_config(path, axes_dim), False
+    from ..quantize.nf4 import STATE_MARK
+
     shapes = read_keys_and_shapes(path)
-    if is_diffusers_transformer(shapes) and any(".quant_state.bitsandbytes__" in k for k in shapes):
+    if is_diffusers_transformer(shapes) and any(STATE_MARK in k for k in shapes):
         raise CheckpointError(f"{path} is a diffusers-layout transformer quantised with bitsandbytes, which rectiflux "
                               "does not read (its q, k and v are fused at load): use a BFL-layout file such as Forge's "
                               "flux1-dev-bnb-nf4, a GGUF file or an fp8 one")
@@ -119,7 +121,7 @@ def read_config(path: str | os.PathLike, axes_dim: tuple[int, ...] | None = None
     ours = _ours(shapes, transformer_prefix(shapes, prefix))
     if not ours:
         raise CheckpointError(f"{path} holds no transformer tensor under the prefix {prefix!r}")
-    if any(".quant_state.bitsandbytes__" in k for k in ours):  # 4-bit weights: their shapes are in their states
+    if any(STATE_MARK in k for k in ours):  # bitsandbytes 4-bit weights: their shapes are in their states
         units = CheckpointUnits(path, None, False, f"BFL transformer {path}", prefix)
         ours = {k: units.shape(k) for k in units.parts}
     return path, transformer_config_from_shapes(ours, axes_dim), False
